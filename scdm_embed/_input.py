@@ -158,13 +158,15 @@ def read_input(
     gene_key: str | None = None,
     layer: str | None = None,
     require_counts: bool = True,
+    require_labels: bool = True,
     chunk_size: int = 2048,
 ) -> InputDataset:
     """Open and validate an AnnData for extraction.
 
     One streaming pass over the matrix checks values (finite, non-negative, integer when
     ``require_counts``, no all-zero cell) and computes the content hash. Nothing is loaded
-    whole. Raises :class:`~scdm_embed.InputError` naming the problem and the fix.
+    whole. ``require_labels=False`` opens an unlabelled AnnData (e.g. a fitting reference).
+    Raises :class:`~scdm_embed.InputError` naming the problem and the fix.
     """
     path = Path(path)
     labels = labels or LabelSpec()
@@ -178,11 +180,12 @@ def read_input(
         if ids is None:
             raise InputError(f"gene column {gene_key!r} is not in var; var has: {list(var.columns)}", "pass --gene-key with one of those, or omit it to use var_names")
         _check_unique(pd.Index(ids.astype(str)), "gene", "call adata.var_names_make_unique() or aggregate duplicated genes")
-        if labels.key not in obs:
+        if require_labels and labels.key not in obs:
             raise InputError(f"response column {labels.key!r} is not in obs; obs has: {list(obs.columns)}", "pass --response-key with the column that holds sensitive/resistant")
         cells = pd.DataFrame(index=pd.Index(obs.index.astype(str), name="cell_id"))
-        cells["label"] = labels.encode(obs[labels.key])
-        cells["response"] = np.where(cells["label"].to_numpy() == SENSITIVE, "sensitive", "resistant")
+        if require_labels:
+            cells["label"] = labels.encode(obs[labels.key])
+            cells["response"] = np.where(cells["label"].to_numpy() == SENSITIVE, "sensitive", "resistant")
         for role, col in _meta_columns(obs, meta_keys or {}).items():
             cells[role] = obs[col].astype(str).to_numpy()
         h, is_integer = _validate_and_hash(x, n_cells, chunk_size, path.name, require_counts, obs.index)

@@ -67,12 +67,24 @@ class GeneOverlap:
 
     @property
     def fraction_used(self) -> float:
+        """Share of the dataset's genes the model uses."""
         return self.n_data_used / max(self.n_data, 1)
+
+    @property
+    def fraction_vocab(self) -> float:
+        """Share of the model's vocabulary found in the dataset."""
+        return self.n_vocab_in_data / max(self.n_vocab, 1)
+
+    @property
+    def coverage(self) -> float:
+        """The larger of the two shares: near zero only when identifiers or species do not match."""
+        return max(self.fraction_used, self.fraction_vocab)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["n_data_ignored"] = self.n_data_ignored
         d["fraction_used"] = round(self.fraction_used, 4)
+        d["fraction_vocab"] = round(self.fraction_vocab, 4)
         return d
 
 

@@ -1,0 +1,227 @@
+"""The extraction engine: AnnData chunks -> adapter -> store, resumable, with telemetry.
+
+What every model shares lives here: input validation before any write, device and dtype,
+chunked streaming, batching (see :mod:`._batching`), stale-cache checks, chunk-level resume,
+progress and the provenance written beside each array.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ._batching import embed_cells, resolve_device, resolve_dtype
+from ._errors import InputError, StaleCacheError
+from ._input import InputDataset, LabelSpec, read_input
+from ._store import DEFAULT_STORE, EmbeddingStore
+from ._version import __version__
+from .models import get_adapter
+from .models._base import Adapter, CellChunk, GeneOverlap
+from .models._reference import FittedAdapter
+
+log = logging.getLogger(__name__)
+
+#: refuse a dataset when neither the share of its genes the model uses nor the share of the
+#: model's vocabulary it holds reaches this (wrong identifiers or species)
+DEFAULT_MIN_OVERLAP = 0.25
+
+
+@dataclass(frozen=True)
+class ExtractionResult:
+    """What :func:`extract` did."""
+
+    model: str
+    dataset: str
+    store: Path
+    status: str  #: "written", "resumed" or "up-to-date"
+    n_cells: int
+    dim: int
+    chunks_computed: int
+    seconds: float
+    cells_per_s: float
+    overlap: dict[str, Any]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def extract(
+    input: str | Path | InputDataset,
+    *,
+    model: str,
+    store: str | Path = DEFAULT_STORE,
+    dataset: str | None = None,
+    checkpoint: str | Path | None = None,
+    labels: LabelSpec | None = None,
+    meta_keys: Mapping[str, str | None] | None = None,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    batch_size: int | None = None,
+    token_budget: int | None = None,
+    chunk_size: int = 1024,
+    device: str = "auto",
+    dtype: str = "auto",
+    store_dtype: str = "float32",
+    min_overlap: float = DEFAULT_MIN_OVERLAP,
+    reference: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    model_options: Mapping[str, Any] | None = None,
+) -> ExtractionResult:
+    """Compute ``model``'s embeddings of every cell of ``input`` into ``store`` (once).
+
+    Everything that can be wrong with the input, checkpoint or store is checked before the
+    store is touched. An interrupted run resumes at the first unfinished chunk when re-run
+    with the same arguments. A store holding embeddings of another input or checkpoint is
+    refused unless ``overwrite``.
+    """
+    adapter = get_adapter(model)(checkpoint, **dict(model_options or {}))
+    data = input if isinstance(input, InputDataset) else read_input(
+        input, labels=labels, meta_keys=meta_keys, gene_key=gene_key, layer=layer, require_counts=adapter.needs_counts)
+    if adapter.needs_counts and not data.is_integer:
+        raise InputError(f"model {model!r} needs raw integer counts but {data.path.name} holds non-integer values",
+                         "use the raw counts layer (--layer) or adata.raw")
+    name = dataset or data.path.stem
+    store_path = Path(store)
+    st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
+    if st_ro is not None and name in st_ro.datasets():
+        held = st_ro.dataset_attrs(name).get("input_hash")
+        if held != data.content_hash and not overwrite:
+            raise StaleCacheError(f"the store holds dataset {name!r} from a different input (hash {held[:12]} != {data.content_hash[:12]})",
+                                  "pass --overwrite to replace it, or --dataset NEW_NAME to keep both")
+
+    dev = resolve_device(device)
+    tdt = resolve_dtype(dtype, adapter, dev)
+    adapter.load(device=dev, dtype=tdt)
+    new_reference = None
+    if isinstance(adapter, FittedAdapter):
+        new_reference = _attach_reference(adapter, st_ro, data, reference, overwrite=overwrite)
+    overlap = adapter.prepare(data.genes)
+    if overlap.coverage < min_overlap:
+        raise InputError(
+            f"model {model!r} and dataset {name!r} barely share genes: the model uses {overlap.n_data_used} of the "
+            f"dataset's {overlap.n_data} genes ({overlap.fraction_used:.1%}) and finds {overlap.n_vocab_in_data} of its "
+            f"{overlap.n_vocab} vocabulary genes ({overlap.fraction_vocab:.1%}), both below --min-overlap {min_overlap:.0%}",
+            "check the gene identifiers (symbols vs Ensembl ids, species; --gene-key), or lower --min-overlap")
+
+    provenance = _provenance(adapter, model, data, overlap, dev, tdt, chunk_size)
+    status, todo, st = _plan(st_ro, store_path, name, model, adapter, provenance, overwrite, store_dtype, data)
+    if new_reference is not None and st is not None:
+        st.put_reference(adapter.reference_name, new_reference[0], **new_reference[1])
+    if status == "up-to-date":
+        return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"), overlap.to_dict())
+
+    bs = batch_size or adapter.default_batch_size
+    t0 = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    done_cells = 0
+    with Progress(TextColumn(f"[bold]{model}[/] · {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                  TimeRemainingColumn(), disable=not progress, transient=False) as bar:
+        task = bar.add_task("embed", total=data.n_cells, completed=data.n_cells - sum(_chunk_len(c, chunk_size, data.n_cells) for c in todo))
+        for c in todo:
+            s = c * chunk_size
+            X = data.read_rows(s, min(s + chunk_size, data.n_cells))
+            chunk = CellChunk(X=X, cell_ids=data.cells.index.to_numpy()[s:s + X.shape[0]], genes=data.genes, start=s)
+            emb = embed_cells(adapter, adapter.tokenize(chunk), batch_size=bs, token_budget=token_budget,
+                              on_batch=lambda k: bar.advance(task, k))
+            if not np.all(np.isfinite(emb)):
+                raise RuntimeError(f"{model} produced non-finite embeddings in chunk {c} (rows {s}..{s + X.shape[0] - 1})")
+            st.write_chunk(model, name, c, emb)
+            done_cells += X.shape[0]
+    seconds = time.perf_counter() - t0
+    telemetry = {"seconds": round(seconds, 3), "cells_per_s": round(done_cells / max(seconds, 1e-9), 2),
+                 "peak_rss_mb": round(_peak_rss_mb(), 1), "batch_size": bs, "token_budget": token_budget}
+    if dev.type == "cuda":
+        telemetry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+    st.finish_embedding(model, name, telemetry=telemetry)
+    return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, len(todo), seconds,
+                            telemetry["cells_per_s"], overlap.to_dict())
+
+
+def _chunk_len(c: int, chunk_size: int, n: int) -> int:
+    return min(chunk_size, n - c * chunk_size)
+
+
+def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneOverlap, dev: torch.device,
+                tdt: torch.dtype, chunk_size: int) -> dict[str, Any]:
+    return {
+        "model_version": adapter.version,
+        "checkpoint": str(adapter.checkpoint) if adapter.checkpoint else None,
+        "checkpoint_hash": adapter.checkpoint_hash(),
+        "settings": adapter.settings(),
+        "input_hash": data.content_hash,
+        "input_path": str(data.path),
+        "layer": data.layer,
+        "scdm_version": __version__,
+        "torch_version": torch.__version__,
+        "device": str(dev),
+        "compute_dtype": str(tdt).replace("torch.", ""),
+        "gene_overlap": overlap.to_dict(),
+        "chunk_rows": chunk_size,
+    }
+
+
+_IDENTITY_KEYS = ("model_version", "checkpoint_hash", "settings", "input_hash", "chunk_rows")
+
+
+def _plan(st_ro, store_path, name, model, adapter, prov, overwrite, store_dtype, data):
+    """Decide: fresh write, resume (which chunks), or nothing to do. Writes only after all checks."""
+    g = st_ro.embedding_group(model, name) if st_ro is not None else None
+    if g is not None:
+        held = dict(g.attrs)
+        diff = [k for k in _IDENTITY_KEYS if _norm(held.get(k)) != _norm(prov[k])]
+        if diff and not overwrite:
+            raise StaleCacheError(
+                f"the store holds {model}/{name} computed with a different {', '.join(diff)}",
+                "pass --overwrite to recompute it, or --dataset NEW_NAME to keep both")
+        if not diff:
+            done = g["done"][:]
+            if held.get("complete") and done.all():
+                return "up-to-date", [], None
+            st = EmbeddingStore(store_path, mode="a")
+            return "resumed", [int(i) for i in np.flatnonzero(~done)], st
+    st = EmbeddingStore(store_path, mode="a")
+    if name not in st.datasets() or st.dataset_attrs(name).get("input_hash") != data.content_hash:
+        st.put_dataset(name, data.cells, input_hash=data.content_hash, source=str(data.path), n_genes=data.n_genes,
+                       label_convention="label 1 = sensitive (positive class), 0 = resistant")
+    st.create_embedding(model, name, n_cells=data.n_cells, dim=adapter.dim, dtype=store_dtype, **prov)
+    n_chunks = -(-data.n_cells // prov["chunk_rows"])
+    return "written", list(range(n_chunks)), st
+
+
+def _norm(v: Any) -> Any:
+    import json
+
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _attach_reference(adapter: FittedAdapter, st_ro: EmbeddingStore | None, data: InputDataset,
+                      reference: str | Path | None, *, overwrite: bool):
+    """Use the store's fitted reference for this model, or fit one; returns a new fit to record."""
+    held = st_ro.get_reference(adapter.reference_name) if st_ro is not None else None
+    if reference is not None:
+        ref_data = reference if isinstance(reference, InputDataset) else read_input(
+            reference, require_labels=False, require_counts=adapter.needs_counts)
+        fitted = adapter.fit_reference(ref_data)
+        if held is not None and held[1].get("fit_hash") != fitted[1].get("fit_hash") and not overwrite:
+            raise StaleCacheError(f"the store's {adapter.reference_name} reference was fitted on {held[1].get('fitted_on')!r}",
+                                  "omit --reference to reuse it, or pass --overwrite to refit (this makes existing arrays stale)")
+        adapter.set_reference(*fitted)
+        return fitted
+    if held is not None:
+        adapter.set_reference(*held)
+        return None
+    fitted = adapter.fit_reference(data)
+    adapter.set_reference(*fitted)
+    return fitted

@@ -1,0 +1,311 @@
+"""The embedding store: a Zarr v3 hierarchy keyed by model/dataset (format: ``store/README.md``).
+
+Every group carries ``encoding-type``/``encoding-version`` (as anndata does). Embedding arrays
+are written chunk by chunk; a per-chunk ``done`` flag makes interrupted extractions resume, and
+``complete`` marks a finished array. Readers refuse incomplete or stale arrays unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+
+from ._errors import StaleCacheError, StoreError
+from ._version import __version__
+
+FORMAT_VERSION = "0.1.0"
+DEFAULT_STORE = Path("store") / "scdm.zarr"
+
+warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+
+
+def _stamp(node, kind: str, **attrs: Any) -> None:
+    node.attrs.update({"encoding-type": kind, "encoding-version": FORMAT_VERSION, **attrs})
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    """One model x dataset array as listed by :meth:`EmbeddingStore.entries`."""
+
+    model: str
+    dataset: str
+    n_cells: int
+    dim: int
+    complete: bool
+    chunks_done: int
+    n_chunks: int
+    stale: bool
+    attrs: dict[str, Any]
+
+
+class EmbeddingStore:
+    """A Zarr v3 store of cell tables, embeddings, fitted references and splits.
+
+    >>> st = EmbeddingStore("store/scdm.zarr")            # doctest: +SKIP
+    >>> X, cells = st.load("pca", datasets=["pc9"])      # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path = DEFAULT_STORE, *, mode: str = "r") -> None:
+        self.path = Path(path)
+        self.mode = mode
+        if mode == "r":
+            if not (self.path / "zarr.json").exists():
+                raise StoreError(f"no scdm store at {str(self.path)!r}",
+                                 "run `scdm-embed extract INPUT --model NAME --store PATH` first, or check --store")
+            self.root = zarr.open_group(str(self.path), mode="r")
+            self._check_format()
+        else:
+            fresh = not (self.path / "zarr.json").exists()
+            if not fresh:
+                self.root = zarr.open_group(str(self.path), mode="a")
+                self._check_format()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
+                _stamp(self.root, "scdm-store", scdm_version=__version__, created=_now())
+            for name, kind in (("datasets", "scdm-datasets"), ("embeddings", "scdm-embeddings"),
+                               ("references", "scdm-references"), ("splits", "scdm-splits")):
+                if name not in self.root:
+                    _stamp(self.root.create_group(name), kind)
+
+    def _check_format(self) -> None:
+        a = dict(self.root.attrs)
+        if a.get("encoding-type") != "scdm-store":
+            raise StoreError(f"{str(self.path)!r} is a Zarr group but not an scdm store", "point --store at an scdm store or a new path")
+        major = str(a.get("encoding-version", "0")).split(".")[0]
+        if major != FORMAT_VERSION.split(".")[0]:
+            raise StoreError(f"store format {a.get('encoding-version')} is not readable by this scdm (format {FORMAT_VERSION})",
+                             "upgrade scdm, or extract into a new store")
+
+    def _group(self, *parts: str):
+        node = self.root
+        for p in parts:
+            if p not in node:
+                return None
+            node = node[p]
+        return node
+
+    # -- datasets -------------------------------------------------------------------------
+    def datasets(self) -> list[str]:
+        g = self._group("datasets")
+        return sorted(k for k in g.group_keys() if not k.startswith(".")) if g is not None else []
+
+    def dataset_attrs(self, dataset: str) -> dict[str, Any]:
+        g = self._group("datasets", dataset)
+        if g is None:
+            raise StoreError(f"dataset {dataset!r} is not in the store (has: {self.datasets()})", "extract it first, or check the name")
+        return dict(g.attrs)
+
+    def put_dataset(self, dataset: str, cells: pd.DataFrame, *, input_hash: str, **attrs: Any) -> None:
+        """Write a dataset's cell table atomically (staged, then renamed into place)."""
+        _check_name(dataset, "dataset")
+        final = self.path / "datasets" / dataset
+        tmp_name = f".tmp-{dataset}-{uuid.uuid4().hex[:8]}"
+        g = self.root["datasets"].create_group(tmp_name)
+        _stamp(g, "scdm-dataset", input_hash=input_hash, n_cells=len(cells), created=_now(), **_jsonable(attrs))
+        ad.io.write_elem(g, "cells", cells)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.path / "datasets" / tmp_name, final)
+
+    def cells(self, datasets: Sequence[str] | None = None) -> pd.DataFrame:
+        """Cell tables of ``datasets`` (default all), concatenated.
+
+        Index: ``"<dataset>/<cell_id>"``; columns ``dataset``, ``row`` (position in its dataset),
+        ``label`` (1 sensitive, 0 resistant), ``response`` and the metadata roles present.
+        """
+        parts = []
+        for ds in datasets if datasets is not None else self.datasets():
+            g = self._group("datasets", ds)
+            if g is None:
+                raise StoreError(f"dataset {ds!r} is not in the store (has: {self.datasets()})", "check the dataset name")
+            df = ad.io.read_elem(g["cells"])
+            df.insert(0, "row", np.arange(len(df)))
+            df.insert(0, "dataset", ds)
+            df.index = pd.Index([f"{ds}/{c}" for c in df.index], name="cell")
+            parts.append(df)
+        if not parts:
+            return pd.DataFrame(columns=["dataset", "row", "label", "response"])
+        return pd.concat(parts)
+
+    # -- embeddings -----------------------------------------------------------------------
+    def embedding_group(self, model: str, dataset: str):
+        return self._group("embeddings", model, dataset)
+
+    def create_embedding(self, model: str, dataset: str, *, n_cells: int, dim: int, chunk_rows: int,
+                         dtype: str = "float32", **attrs: Any):
+        """Create an empty model x dataset array (rows chunked by ``chunk_rows``) with its done flags."""
+        _check_name(model, "model")
+        mg = self.root["embeddings"].require_group(model)
+        if "encoding-type" not in mg.attrs:
+            _stamp(mg, "scdm-model")
+        if dataset in mg:
+            del mg[dataset]
+        g = mg.create_group(dataset)
+        n_chunks = -(-n_cells // chunk_rows)
+        x = g.create_array("X", shape=(n_cells, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=np.nan)
+        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        done = g.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False)
+        done.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        _stamp(g, "scdm-embedding", model=model, dataset=dataset, n_cells=n_cells, dim=dim, chunk_rows=chunk_rows,
+               dtype=dtype, complete=False, created=_now(), **_jsonable(attrs))
+        return g
+
+    def write_chunk(self, model: str, dataset: str, chunk: int, values: np.ndarray) -> None:
+        """Write row-chunk ``chunk`` of an array, then flag it done (the flag is written last)."""
+        g = self.root["embeddings"][model][dataset]
+        rows = int(g.attrs["chunk_rows"])
+        g["X"][chunk * rows: chunk * rows + len(values)] = values.astype(g["X"].dtype, copy=False)
+        g["done"][chunk] = True
+
+    def finish_embedding(self, model: str, dataset: str, **attrs: Any) -> None:
+        """Mark an array complete once every chunk is done."""
+        g = self.root["embeddings"][model][dataset]
+        done = g["done"][:]
+        if not done.all():
+            raise StoreError(f"{model}/{dataset}: {int((~done).sum())} chunks are not written", "re-run the extraction to resume it")
+        g.attrs.update({**_jsonable(attrs), "complete": True, "completed": _now()})
+
+    def put_embedding(self, model: str, dataset: str, X: np.ndarray, *, chunk_rows: int = 1024, **attrs: Any) -> None:
+        """Write a whole in-memory embedding matrix for an existing dataset (API convenience)."""
+        ds = self.dataset_attrs(dataset)
+        if int(ds["n_cells"]) != X.shape[0]:
+            raise StoreError(f"{model}/{dataset}: {X.shape[0]} rows but the dataset has {ds['n_cells']} cells", "pass one row per cell, in the dataset's order")
+        self.create_embedding(model, dataset, n_cells=X.shape[0], dim=X.shape[1], chunk_rows=chunk_rows,
+                              input_hash=ds["input_hash"], **attrs)
+        for c, s in enumerate(range(0, X.shape[0], chunk_rows)):
+            self.write_chunk(model, dataset, c, np.asarray(X[s:s + chunk_rows]))
+        self.finish_embedding(model, dataset)
+
+    def delete_embedding(self, model: str, dataset: str) -> None:
+        mg = self._group("embeddings", model)
+        if mg is not None and dataset in mg:
+            del mg[dataset]
+
+    def models(self, *, complete_only: bool = True) -> list[str]:
+        return sorted({e.model for e in self.entries() if e.complete and not e.stale or not complete_only})
+
+    def entries(self) -> list[EmbeddingInfo]:
+        """Every model x dataset array with completeness, staleness and provenance."""
+        out = []
+        eg = self._group("embeddings")
+        for model in sorted(eg.group_keys()) if eg is not None else []:
+            for ds in sorted(eg[model].group_keys()):
+                g = eg[model][ds]
+                a = dict(g.attrs)
+                done = g["done"][:]
+                ds_attrs = dict(self._group("datasets", ds).attrs) if self._group("datasets", ds) is not None else {}
+                stale = ds_attrs.get("input_hash") != a.get("input_hash")
+                out.append(EmbeddingInfo(model, ds, int(a["n_cells"]), int(a["dim"]), bool(a.get("complete")),
+                                         int(done.sum()), len(done), stale, a))
+        return out
+
+    def load(
+        self,
+        model: str,
+        *,
+        datasets: Sequence[str] | None = None,
+        cells: Iterable[str] | None = None,
+        allow_incomplete: bool = False,
+    ) -> tuple[np.ndarray, pd.DataFrame]:
+        """Embeddings + cell table of ``model`` for ``datasets`` (default: all it has).
+
+        ``cells`` (global keys ``"<dataset>/<cell_id>"``) restricts the rows; only the chunks
+        holding them are read. Incomplete or stale arrays are refused unless ``allow_incomplete``.
+        """
+        mg = self._group("embeddings", model)
+        if mg is None:
+            raise StoreError(f"model {model!r} has no embeddings in {str(self.path)!r} (has: {self.models(complete_only=False)})",
+                             f"run `scdm-embed extract INPUT --model {model} --store {self.path}`")
+        names = list(datasets) if datasets is not None else sorted(mg.group_keys())
+        table = self.cells(names)
+        if cells is not None:
+            table = table.loc[list(cells)]
+        blocks = []
+        for ds in names:
+            g = mg[ds] if ds in mg else None
+            if g is None:
+                raise StoreError(f"model {model!r} has no embeddings for dataset {ds!r}", f"run `scdm-embed extract ... --model {model} --dataset {ds}`")
+            a = dict(g.attrs)
+            if not a.get("complete") and not allow_incomplete:
+                raise StoreError(f"embeddings {model}/{ds} are incomplete ({int(g['done'][:].sum())}/{g['done'].shape[0]} chunks)",
+                                 "re-run the same `scdm-embed extract` command to resume it (or pass allow_incomplete=True)")
+            if a.get("input_hash") != self.dataset_attrs(ds).get("input_hash") and not allow_incomplete:
+                raise StaleCacheError(f"embeddings {model}/{ds} were computed from another version of the input",
+                                      f"re-extract with `scdm-embed extract ... --model {model} --dataset {ds} --overwrite`")
+            rows = table.loc[table["dataset"] == ds, "row"].to_numpy()
+            x = g["X"]
+            blocks.append(x[:] if len(rows) == x.shape[0] and np.array_equal(rows, np.arange(len(rows))) else x.oindex[rows, :])
+        X = np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.empty((0, 0), np.float32)
+        return X, table
+
+    # -- references (fitted gene lists / bases) -------------------------------------------
+    def get_reference(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        g = self._group("references", name)
+        if g is None:
+            return None
+        return {k: g[k][:] for k in g.array_keys()}, dict(g.attrs)
+
+    def put_reference(self, name: str, arrays: dict[str, np.ndarray], **attrs: Any) -> None:
+        _check_name(name, "reference")
+        parent = self.root["references"]
+        if name in parent:
+            del parent[name]
+        g = parent.create_group(name)
+        for k, v in arrays.items():
+            v = np.asarray(v)
+            if v.dtype == object:
+                v = v.astype(str)
+            arr = g.create_array(k, shape=v.shape, dtype=v.dtype if v.dtype.kind != "U" else str)
+            arr[...] = v
+            arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        _stamp(g, "scdm-reference", created=_now(), **_jsonable(attrs))
+
+    # -- splits ---------------------------------------------------------------------------
+    def splits(self) -> list[str]:
+        g = self._group("splits")
+        return sorted(g.group_keys()) if g is not None else []
+
+    def put_splits(self, name: str, table: pd.DataFrame, **attrs: Any) -> None:
+        """Save a split table (one row per cell x partition) atomically."""
+        _check_name(name, "split")
+        final = self.path / "splits" / name
+        tmp = f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        g = self.root["splits"].create_group(tmp)
+        _stamp(g, "scdm-split", created=_now(), **_jsonable(attrs))
+        ad.io.write_elem(g, "table", table)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(self.path / "splits" / tmp, final)
+
+    def get_splits(self, name: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+        g = self._group("splits", name)
+        if g is None:
+            return None
+        return ad.io.read_elem(g["table"]), dict(g.attrs)
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or "/" in name or name.startswith(".") or name != name.strip():
+        raise StoreError(f"{what} name {name!r} is not usable as a store key", f"use a {what} name without '/' or a leading '.'")
