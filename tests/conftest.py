@@ -40,3 +40,25 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     return _need(VOCAB)
+
+
+@pytest.fixture(scope="session")
+def pc9_small(tmp_path_factory, pc9_path) -> Path:
+    """240 real PC9 cells (120 sensitive, 120 resistant) as a small .h5ad, for fast tests."""
+    import anndata as ad
+    import numpy as np
+
+    a = ad.read_h5ad(pc9_path)
+    sens = np.flatnonzero(a.obs["response"].to_numpy() == "sensitive")[:120]
+    res = np.flatnonzero(a.obs["response"].to_numpy() == "resistant")[:120]
+    sub = a[np.concatenate([sens, res])].copy()
+    path = tmp_path_factory.mktemp("pc9") / "pc9_small.h5ad"
+    sub.write_h5ad(path)
+    return path
+
+
+def store_snapshot(path: Path) -> dict[str, bytes]:
+    """Every file of a store (relative path -> bytes), to prove a failed command changed nothing."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

@@ -1,0 +1,127 @@
+"""``scdm-embed``: compute foundation-model cell embeddings once, into a Zarr store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ._cli_common import friendly_errors, parse_options
+from ._input import DEFAULT_RESISTANT, DEFAULT_SENSITIVE, LabelSpec
+
+app = typer.Typer(
+    help="Compute single-cell foundation-model embeddings ONCE and cache them in a Zarr store.\n\n"
+    "Typical use: scdm-embed extract cells.h5ad --model pca --store store/scdm.zarr",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+Store = Annotated[Path, typer.Option("--store", "-s", help="Zarr store to write into (created if absent).")]
+
+
+@app.command()
+@friendly_errors
+def extract(
+    input: Annotated[str, typer.Argument(help="AnnData (.h5ad or .zarr) with raw counts, or a registry dataset name (see `datasets`).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `list-models`).")],
+    store: Store = Path("store/scdm.zarr"),
+    dataset: Annotated[str | None, typer.Option(help="Name of the dataset in the store [default: the file's stem].")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Directory of the model's official checkpoint.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Model option KEY=VALUE (repeatable), e.g. layer=-2.")] = None,
+    response_key: Annotated[str, typer.Option(help="obs column with the drug response.")] = "response",
+    sensitive: Annotated[list[str] | None, typer.Option(help="Value(s) meaning sensitive (repeatable) [default: sensitive, 1, responder, ...].")] = None,
+    resistant: Annotated[list[str] | None, typer.Option(help="Value(s) meaning resistant (repeatable) [default: resistant, 0, non-responder, ...].")] = None,
+    study_key: Annotated[str | None, typer.Option(help="obs column naming the study [default: 'study' if present].")] = None,
+    sample_key: Annotated[str | None, typer.Option(help="obs column naming the sample/patient [default: 'sample' if present].")] = None,
+    tissue_key: Annotated[str | None, typer.Option(help="obs column for tissue.")] = None,
+    cancer_type_key: Annotated[str | None, typer.Option(help="obs column for cancer type.")] = None,
+    drug_key: Annotated[str | None, typer.Option(help="obs column for drug.")] = None,
+    drug_type_key: Annotated[str | None, typer.Option(help="obs column for drug type.")] = None,
+    regimen_key: Annotated[str | None, typer.Option(help="obs column for regimen.")] = None,
+    gene_key: Annotated[str | None, typer.Option(help="var column with gene ids [default: var_names]; symbols or Ensembl ids.")] = None,
+    layer: Annotated[str | None, typer.Option(help="Read counts from this layer instead of X.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Cells per forward pass [default: the model's].")] = None,
+    token_budget: Annotated[int | None, typer.Option(help="Max padded tokens per batch (length-bucketed batches).")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Cells per stored chunk (the unit of resume).")] = 1024,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto | float32 | bfloat16 | float16.")] = "auto",
+    store_dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16.")] = "float32",
+    min_overlap: Annotated[float, typer.Option(help="Refuse when the dataset and the model's vocabulary share less than this.")] = 0.25,
+    reference: Annotated[Path | None, typer.Option(help="pca/hvg: fit genes/basis on this AnnData instead of the first dataset.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace embeddings computed from another input or checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Embed every cell of INPUT with one model and write the array to the store.
+
+    Re-running the same command resumes an interrupted extraction and skips a finished one.
+    """
+    from ._engine import extract as _extract
+    from .datasets import resolve
+
+    keys = {"study": study_key, "sample": sample_key, "tissue": tissue_key, "cancer_type": cancer_type_key,
+            "drug": drug_key, "drug_type": drug_type_key, "regimen": regimen_key}
+    labels = LabelSpec(key=response_key, sensitive=tuple(sensitive or DEFAULT_SENSITIVE), resistant=tuple(resistant or DEFAULT_RESISTANT))
+    r = _extract(resolve(input), model=model, store=store, dataset=dataset, checkpoint=checkpoint, labels=labels,
+                 meta_keys={k: v for k, v in keys.items() if v is not None}, gene_key=gene_key, layer=layer,
+                 batch_size=batch_size, token_budget=token_budget, chunk_size=chunk_size, device=device, dtype=dtype,
+                 store_dtype=store_dtype, min_overlap=min_overlap, reference=reference, overwrite=overwrite,
+                 progress=not quiet, model_options=parse_options(option))
+    ov = r.overlap
+    if r.status == "up-to-date":
+        console.print(f"{r.model}/{r.dataset}: already complete in {r.store} (nothing to do)")
+    else:
+        console.print(f"{r.model}/{r.dataset}: {r.status}, {r.n_cells} cells x {r.dim} dims, {r.chunks_computed} chunks "
+                      f"in {r.seconds:.1f}s ({r.cells_per_s:.0f} cells/s) -> {r.store}")
+    console.print(f"gene overlap: model uses {ov['n_data_used']}/{ov['n_data']} dataset genes; "
+                  f"{ov['n_vocab_in_data']}/{ov['n_vocab']} vocabulary genes present")
+
+
+@app.command("list-models")
+@friendly_errors
+def list_models() -> None:
+    """List the registered models and what their checkpoints must hold."""
+    from .models import available_models, get_adapter
+
+    t = Table("model", "checkpoint", "description")
+    for name in available_models():
+        a = get_adapter(name)
+        t.add_row(name, a.checkpoint_layout or "(none: fitted per store)", a.description)
+    console.print(t)
+
+
+@app.command()
+@friendly_errors
+def inspect(
+    store: Annotated[Path, typer.Argument(help="The Zarr store to describe.")] = Path("store/scdm.zarr"),
+    provenance: Annotated[bool, typer.Option("--provenance", "-p", help="Also print each array's full provenance.")] = False,
+) -> None:
+    """Show what a store holds: datasets, model x dataset arrays, completeness and provenance."""
+    from ._inspect import describe_store
+
+    describe_store(store, console=console, provenance=provenance)
+
+
+@app.command()
+@friendly_errors
+def datasets(
+    fetch: Annotated[str | None, typer.Option(help="Fetch (or seed from shared/) this registry dataset and print its path.")] = None,
+) -> None:
+    """List the registry's real datasets (use a name in place of INPUT)."""
+    from . import datasets as reg
+
+    if fetch:
+        console.print(str(reg.fetch(fetch)))
+        return
+    t = Table("name", "cells", "description")
+    for d in reg.REGISTRY.values():
+        t.add_row(d.name, str(d.n_cells), d.description)
+    console.print(t)
+
+
+def main() -> None:  # console-script entry point
+    app()
