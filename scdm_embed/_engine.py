@@ -114,14 +114,17 @@ def extract(
             f"{overlap.n_vocab} vocabulary genes ({overlap.fraction_vocab:.1%}), both below --min-overlap {min_overlap:.0%}",
             "check the gene identifiers (symbols vs Ensembl ids, species; --gene-key), or lower --min-overlap")
 
+    bs = batch_size or adapter.default_batch_size
     provenance = _provenance(adapter, model, data, overlap, dev, tdt, chunk_size)
+    if not adapter.batch_invariant:
+        # cells attend to each other: the batch (capped by the chunk) is part of what an embedding means
+        provenance["cell_context"] = min(bs, chunk_size)
     status, todo, st = _plan(st_ro, store_path, name, model, adapter, provenance, overwrite, store_dtype, data)
     if new_reference is not None and st is not None:
         st.put_reference(adapter.reference_name, new_reference[0], **new_reference[1])
     if status == "up-to-date":
         return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"), overlap.to_dict())
 
-    bs = batch_size or adapter.default_batch_size
     t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -172,7 +175,7 @@ def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneO
     }
 
 
-_IDENTITY_KEYS = ("model_version", "checkpoint_hash", "settings", "input_hash", "chunk_rows")
+_IDENTITY_KEYS = ("model_version", "checkpoint_hash", "settings", "input_hash", "chunk_rows", "cell_context")
 
 
 def _plan(st_ro, store_path, name, model, adapter, prov, overwrite, store_dtype, data):
@@ -180,7 +183,7 @@ def _plan(st_ro, store_path, name, model, adapter, prov, overwrite, store_dtype,
     g = st_ro.embedding_group(model, name) if st_ro is not None else None
     if g is not None:
         held = dict(g.attrs)
-        diff = [k for k in _IDENTITY_KEYS if _norm(held.get(k)) != _norm(prov[k])]
+        diff = [k for k in _IDENTITY_KEYS if _norm(held.get(k)) != _norm(prov.get(k))]
         if diff and not overwrite:
             raise StaleCacheError(
                 f"the store holds {model}/{name} computed with a different {', '.join(diff)}",
