@@ -110,6 +110,8 @@ class Adapter(ABC):
     batch_invariant: ClassVar[bool] = True
     #: default cells per forward (the engine also respects ``token_budget``)
     default_batch_size: ClassVar[int] = 32
+    #: module-name suffixes a LoRA adapter wraps (each a real module call on the forward path)
+    lora_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
