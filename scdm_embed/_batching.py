@@ -60,11 +60,17 @@ def collate(
     sequence_keys: Sequence[str],
     pad_values: dict[str, int | float],
     device: torch.device,
+    pad_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Stack per-cell token dicts; pad sequence keys on the right; add ``attention_mask``."""
+    """Stack per-cell token dicts; pad sequence keys on the right; add ``attention_mask``.
+
+    ``pad_to`` pads every batch to a fixed width (the naive path benchmarks compare against).
+    """
     out: dict[str, torch.Tensor] = {}
     lengths = token_lengths(cells, sequence_keys)
     width = int(lengths.max()) if len(cells) else 0
+    if pad_to is not None:
+        width = max(width, pad_to)
     for key in cells[0]:
         first = np.asarray(cells[0][key])
         if key in sequence_keys:
@@ -95,11 +101,14 @@ def embed_cells(
     batch_size: int,
     token_budget: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    bucket: bool = True,
+    pad_to: int | None = None,
 ) -> np.ndarray:
     """Embed tokenized cells; returns ``(n, dim)`` float32 in the input order.
 
     Batches are length-bucketed unless the adapter is not batch-invariant (then consecutive
     cells form a batch, in order). On CUDA out-of-memory the batch is halved and retried.
+    ``bucket=False`` / ``pad_to`` give the naive paths (file order, fixed padding) for benches.
     """
     n = len(cells)
     out = np.empty((n, adapter.dim), dtype=np.float32)
@@ -107,13 +116,14 @@ def embed_cells(
         return out
     lengths = token_lengths(cells, adapter.sequence_keys)
     invariant = adapter.batch_invariant
-    pending = plan_batches(lengths, batch_size=batch_size, token_budget=token_budget if invariant else None, bucket=invariant)
+    pending = plan_batches(lengths, batch_size=batch_size, token_budget=token_budget if invariant else None,
+                           bucket=invariant and bucket)
     pending.reverse()
     while pending:
         idx = pending.pop()
         try:
             batch = collate([cells[i] for i in idx], sequence_keys=adapter.sequence_keys,
-                            pad_values=dict(adapter.pad_values), device=adapter.device)
+                            pad_values=dict(adapter.pad_values), device=adapter.device, pad_to=pad_to)
             with torch.inference_mode():
                 emb = adapter.pool(adapter.forward(batch), batch)
             out[idx] = emb.detach().float().cpu().numpy()
