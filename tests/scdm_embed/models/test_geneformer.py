@@ -1,0 +1,359 @@
+"""Geneformer adapter: tokens and embeddings equal the original code's (V1 fixture, last and
+penultimate layer), V2 tokenization (<cls>/<eos>, 4,096 truncation, id collapsing), pooling,
+batch invariance, determinism, strict loading, and the gene overlap on PC9."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file, save_file
+
+from scdm_embed._batching import collate, embed_matrix
+from scdm_embed._errors import CheckpointError, ScdmError
+from scdm_embed._genes import GeneTable
+from scdm_embed.models import get_adapter
+from scdm_embed.models._base import CellChunk
+from scdm_embed.models.geneformer import GeneformerAdapter
+
+CPU = torch.device("cpu")
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fx(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "geneformer"
+
+
+@pytest.fixture(scope="module")
+def gc30m(vocab_dir: Path) -> dict[str, str]:
+    d = vocab_dir / "geneformer" / "gc30M"
+    return {"token_dictionary": str(d / "token_dictionary_gc30M.pkl"),
+            "gene_median_dictionary": str(d / "gene_median_dictionary_gc30M.pkl")}
+
+
+@pytest.fixture(scope="module")
+def gc95m_dir(vocab_dir: Path) -> Path:
+    return vocab_dir / "geneformer" / "gc95M"
+
+
+@pytest.fixture(scope="module")
+def cells(fx: Path) -> ad.AnnData:
+    a = ad.read_h5ad(fx / "cells.h5ad")
+    a.X = sp.csr_matrix(a.X, dtype=np.float32)
+    return a
+
+
+@pytest.fixture(scope="module")
+def genes(cells: ad.AnnData) -> GeneTable:
+    """The genes exactly as the original tokenizer saw them: ``var.ensembl_id`` only."""
+    return GeneTable(symbols=np.asarray(cells.var_names, dtype=object),
+                     ensembl=np.asarray(cells.var["ensembl_id"].astype(str), dtype=object))
+
+
+def _load(path: Path, genes: GeneTable | None = None, **options) -> GeneformerAdapter:
+    a = GeneformerAdapter(path, **options)
+    a.load(device=CPU, dtype=torch.float32)
+    if genes is not None:
+        a.prepare(genes)
+    return a
+
+
+def _chunk(X: sp.csr_matrix, genes: GeneTable) -> CellChunk:
+    return CellChunk(X=sp.csr_matrix(X, dtype=np.float32), cell_ids=np.array([f"c{i}" for i in range(X.shape[0])]),
+                     genes=genes)
+
+
+@pytest.fixture(scope="module")
+def v1(fx: Path, genes: GeneTable, gc30m: dict[str, str]) -> GeneformerAdapter:
+    return _load(fx / "checkpoint", genes, **gc30m)
+
+
+# -- V1: the reference fixture ------------------------------------------------------------------
+def test_registered() -> None:
+    assert get_adapter("geneformer") is GeneformerAdapter
+
+
+def test_tokens_equal_original(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable, fx: Path) -> None:
+    ref = np.load(fx / "reference_inputs.npz")
+    toks = v1.tokenize(_chunk(cells.X, genes))
+    assert len(toks) == 64
+    for i, t in enumerate(toks):
+        n = int(ref["lengths"][i])
+        assert len(t["input_ids"]) == n == 2048
+        np.testing.assert_array_equal(t["input_ids"], ref["input_ids"][i, :n])
+    # the V1 quirk: duplicated Ensembl ids stay separate columns, so a token can occur twice
+    assert any(len(np.unique(t["input_ids"])) < len(t["input_ids"]) for t in toks)
+    assert v1.settings()["generation"] == "v1" and v1.settings()["max_length"] == 2048
+
+
+@pytest.fixture(scope="module")
+def v1_last(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable) -> np.ndarray:
+    return embed_matrix(v1, cells.X, genes, cells.obs_names, batch_size=32)
+
+
+def test_fixture_last_layer(v1_last: np.ndarray, fx: Path) -> None:
+    ref = np.load(fx / "reference_embeddings.npy")
+    assert v1_last.shape == ref.shape == (64, 64)
+    assert np.abs(v1_last - ref).max() <= 1e-4
+
+
+def test_fixture_penultimate_layer(fx: Path, cells: ad.AnnData, genes: GeneTable, gc30m: dict[str, str]) -> None:
+    a = _load(fx / "checkpoint", genes, layer=-2, **gc30m)
+    emb = embed_matrix(a, cells.X, genes, cells.obs_names, batch_size=32)
+    ref = np.load(fx / "reference_embeddings_penultimate_layer.npy")
+    assert np.abs(emb - ref).max() <= 1e-4
+    assert a.settings()["layer"] == -2
+
+
+def test_batch_invariance_and_determinism(fx: Path, cells: ad.AnnData, genes: GeneTable,
+                                          gc30m: dict[str, str]) -> None:
+    a = _load(fx / "checkpoint", genes, max_length=300, **gc30m)
+    # mixed lengths: each cell keeps a different random share of its genes
+    rng = np.random.default_rng(0)
+    X = cells.X.tocoo()
+    keep_p = rng.uniform(0.005, 0.2, size=X.shape[0])[X.row]
+    keep = rng.random(X.nnz) < keep_p
+    Xs = sp.csr_matrix((X.data[keep], (X.row[keep], X.col[keep])), shape=X.shape)
+    lengths = [len(t["input_ids"]) for t in a.tokenize(_chunk(Xs, genes))]
+    assert len(set(lengths)) > 20 and min(lengths) < 60 and max(lengths) == 300
+    together = embed_matrix(a, Xs, genes, cells.obs_names, batch_size=64)
+    again = embed_matrix(a, Xs, genes, cells.obs_names, batch_size=64)
+    np.testing.assert_array_equal(together, again)
+    for i in range(0, 64, 3):
+        alone = embed_matrix(a, Xs[i:i + 1], genes, cells.obs_names[i:i + 1], batch_size=1)
+        assert np.abs(alone[0] - together[i]).max() <= 1e-5, i
+
+
+def test_pool_excludes_padding(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
+    toks = v1.tokenize(_chunk(cells.X[:1], genes))
+    short = {"input_ids": toks[0]["input_ids"][:40]}
+    batch = collate([short, {"input_ids": toks[0]["input_ids"][:100]}], sequence_keys=("input_ids",),
+                    pad_values={"input_ids": 0}, device=CPU)
+    with torch.inference_mode():
+        out = v1.pool(v1.forward(batch), batch)
+        hs = v1.model(input_ids=torch.from_numpy(short["input_ids"])[None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(out[0], hs[-1][0].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_empty_cell_gets_zero_embedding(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
+    X = sp.vstack([sp.csr_matrix((1, cells.n_vars), dtype=np.float32), cells.X[:1]]).tocsr()
+    emb = embed_matrix(v1, X, genes, ["empty", "full"], batch_size=2)
+    assert np.all(emb[0] == 0) and np.all(np.isfinite(emb)) and np.abs(emb[1]).max() > 0
+
+
+# -- V2: gc95M dictionaries, tiny random model ----------------------------------------------------
+def _pickle(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def _naive_v2(X: sp.csr_matrix, ens: np.ndarray, gc95m_dir: Path, n_genes: int) -> list[np.ndarray]:
+    """Per-cell re-statement of the newer Geneformer tokenizer (collapse ids, sum, rank)."""
+    tok, med, mapping = (_pickle(gc95m_dir / f"{n}_gc95M.pkl")
+                         for n in ("token_dictionary", "gene_median_dictionary", "ensembl_mapping_dict"))
+    mapping = {k: v for k, v in mapping.items() if v in tok and v in med}
+    collapsed = [mapping.get(str(e).upper()) for e in ens]
+    order: list[str] = []
+    for c in collapsed:
+        if c is not None and c not in order:
+            order.append(c)
+    pos = {g: k for k, g in enumerate(order)}
+    feat = np.array([-1 if c is None else pos[c] for c in collapsed])
+    used = feat >= 0
+    out = []
+    for r in range(X.shape[0]):
+        row = X[r].toarray().ravel().astype(np.float64)
+        summed = np.bincount(feat[used], weights=row[used], minlength=len(order))
+        v = summed / row.sum() * 10_000 / np.array([med[g] for g in order])
+        nz = np.flatnonzero(v)
+        ranked = nz[np.argsort(-v[nz], kind="stable")][:n_genes]
+        out.append(np.array([tok["<cls>"], *[tok[order[k]] for k in ranked], tok["<eos>"]], dtype=np.int64))
+    return out
+
+
+@pytest.fixture(scope="module")
+def v2_ckpt(tmp_path_factory: pytest.TempPathFactory, gc95m_dir: Path) -> Path:
+    """A tiny random V2 model in the official folder layout, dictionaries inside it."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    n_vocab = len(_pickle(gc95m_dir / "token_dictionary_gc95M.pkl"))
+    d = tmp_path_factory.mktemp("gf_v2")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=n_vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=4096, hidden_act="relu", pad_token_id=0)
+    BertForMaskedLM(cfg).eval().save_pretrained(d)
+    for f in gc95m_dir.glob("*.pkl"):
+        (d / f.name).symlink_to(f)
+    return d
+
+
+def test_v2_tokenization(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, genes: GeneTable) -> None:
+    a = _load(v2_ckpt)  # dictionaries found inside the checkpoint; generation from <cls>/<eos>
+    s = a.settings()
+    assert s["generation"] == "v2" and s["max_length"] == 4096 and s["collapse_gene_ids"]
+    assert set(s["dictionaries"]) == {"token_dictionary", "gene_median_dictionary", "gene_name_id_dictionary",
+                                      "ensembl_mapping_dictionary"}
+    cls_id, eos_id = 2, 3
+    # real cells: tokens equal the per-cell re-statement of the original
+    ov = a.prepare(genes)
+    assert ov.n_data == 25077 and ov.n_data_used > 14_000 and ov.n_vocab == 20271
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(cells.X[:8], genes))]
+    # symbols without an Ensembl id are looked up in the checkpoint's gene_name_id dictionary
+    name_id = _pickle(gc95m_dir / "gene_name_id_dict_gc95M.pkl")
+    ens = [e or name_id.get(s) or name_id.get(s.upper()) or "" for s, e in zip(genes.symbols, genes.ensembl, strict=True)]
+    assert sum(map(bool, ens)) > sum(map(bool, genes.ensembl))
+    ref = _naive_v2(cells.X[:8], np.asarray(ens, dtype=object), gc95m_dir, 4094)
+    for t, r in zip(toks, ref, strict=True):
+        np.testing.assert_array_equal(t, r)
+        assert t[0] == cls_id and t[-1] == eos_id
+        assert not np.isin(t[1:-1], [0, 1, cls_id, eos_id]).any()
+
+    # a synthetic cell with 5,000 vocabulary genes: truncated to <cls> + 4,094 genes + <eos>
+    tok = _pickle(gc95m_dir / "token_dictionary_gc95M.pkl")
+    vocab_genes = [g for g in tok if g.startswith("ENSG")][:5000]
+    ens = np.array([*vocab_genes, vocab_genes[0], "ENSG99999999999"], dtype=object)
+    g = GeneTable(symbols=np.array([f"G{i}" for i in range(len(ens))], dtype=object), ensembl=ens)
+    rng = np.random.default_rng(0)
+    dense = rng.integers(1, 50, size=(2, len(ens))).astype(np.float32)
+    dense[1, 100:] = 0  # a short second cell
+    X = sp.csr_matrix(dense)
+    ov = a.prepare(g)
+    assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data) == (5002, 5001, 5000)
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(X, g))]
+    assert len(toks[0]) == 4096 and len(toks[1]) == 102
+    for t, r in zip(toks, _naive_v2(X, ens, gc95m_dir, 4094), strict=True):
+        np.testing.assert_array_equal(t, r)
+    # the duplicated id was summed into one feature, so no token repeats
+    assert len(np.unique(toks[0])) == len(toks[0])
+
+    # max_length option: 10 positions = <cls> + 8 genes + <eos>
+    b = _load(v2_ckpt, max_length=10)
+    b.prepare(g)
+    t = b.tokenize(_chunk(X, g))[0]["input_ids"]
+    np.testing.assert_array_equal(t, toks[0][:9].tolist() + [eos_id])
+
+
+def test_v2_pooling(v2_ckpt: Path, cells: ad.AnnData, genes: GeneTable) -> None:
+    from transformers import BertForMaskedLM
+
+    ref_model = BertForMaskedLM.from_pretrained(v2_ckpt).eval()
+    X = cells.X[:3]
+    for pooling in ("mean", "cls"):
+        a = _load(v2_ckpt, genes, pooling=pooling, max_length=200)
+        toks = a.tokenize(_chunk(X, genes))
+        emb = embed_matrix(a, X, genes, ["a", "b", "c"], batch_size=3)
+        for i, t in enumerate(toks):
+            with torch.inference_mode():
+                h = ref_model(input_ids=torch.from_numpy(t["input_ids"])[None], output_hidden_states=True)
+            last = h.hidden_states[-1][0]
+            # Geneformer's emb_mode="cell": mean over genes, <cls> and <eos> excluded; "cls": position 0
+            want = last[1:-1].mean(0) if pooling == "mean" else last[0]
+            np.testing.assert_allclose(emb[i], want.numpy(), atol=1e-5, rtol=1e-5)
+
+
+# -- errors -------------------------------------------------------------------------------------
+def test_missing_dictionaries(fx: Path) -> None:
+    a = GeneformerAdapter(fx / "checkpoint")
+    with pytest.raises(CheckpointError, match="token_dictionary.*gene_median_dictionary") as e:
+        a.load(device=CPU, dtype=torch.float32)
+    assert "token_dictionary=PATH" in str(e.value) and "gene_median_dictionary=PATH" in str(e.value)
+
+
+def test_wrong_generation_dictionary(fx: Path, gc95m_dir: Path) -> None:
+    with pytest.raises(CheckpointError, match="different generations"):
+        _load(fx / "checkpoint", token_dictionary=str(gc95m_dir / "token_dictionary_gc95M.pkl"),
+              gene_median_dictionary=str(gc95m_dir / "gene_median_dictionary_gc95M.pkl"))
+
+
+def _copy_ckpt(fx: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(fx / "checkpoint" / f, dst / f)
+    return dst
+
+
+def test_corrupted_checkpoints(fx: Path, tmp_path: Path, gc30m: dict[str, str]) -> None:
+    # a weight missing
+    d = _copy_ckpt(fx, tmp_path / "missing")
+    sd = load_file(d / "model.safetensors")
+    key = next(k for k in sd if "layer.1.attention.self.query.weight" in k)
+    del sd[key]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing"):
+        _load(d, **gc30m)
+    # an unexpected extra weight
+    d = _copy_ckpt(fx, tmp_path / "extra")
+    sd = load_file(d / "model.safetensors")
+    sd["bert.encoder.layer.9.output.dense.weight"] = torch.zeros(2, 2)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected"):
+        _load(d, **gc30m)
+    # a truncated weights file
+    d = _copy_ckpt(fx, tmp_path / "truncated")
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="cannot load"):
+        _load(d, **gc30m)
+    # no weights at all, no config
+    d = _copy_ckpt(fx, tmp_path / "noweights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        _load(d, **gc30m)
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        _load(d, **gc30m)
+    # a damaged dictionary
+    bad = tmp_path / "token_dictionary_bad.pkl"
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="cannot read the Geneformer dictionary"):
+        _load(fx / "checkpoint", **{**gc30m, "token_dictionary": str(bad)})
+
+
+def test_bad_options(fx: Path, gc30m: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ScdmError, match="pooling=cls needs a V2"):
+        _load(fx / "checkpoint", pooling="cls", **gc30m)
+    with pytest.raises(ScdmError, match="layer=5"):
+        _load(fx / "checkpoint", layer=5, **gc30m)
+    with pytest.raises(ScdmError, match="max_length=4096"):
+        _load(fx / "checkpoint", max_length=4096, **gc30m)
+    with pytest.raises(CheckpointError, match="generation=v2 needs <cls>"):
+        _load(fx / "checkpoint", generation="v2", **gc30m)
+    with pytest.raises(ScdmError, match="unknown geneformer option"):
+        GeneformerAdapter(fx / "checkpoint", polling="mean")
+    with pytest.raises(ScdmError, match="pooling='max'"):
+        GeneformerAdapter(fx / "checkpoint", pooling="max")
+    with pytest.raises(ScdmError, match="not an integer"):
+        GeneformerAdapter(fx / "checkpoint", layer="last")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        GeneformerAdapter(tmp_path / "nowhere")
+    # two candidate dictionaries in the folder are refused, not guessed
+    d = _copy_ckpt(fx, tmp_path / "two")
+    for name in ("token_dictionary_a.pkl", "token_dictionary_b.pkl"):
+        (d / name).symlink_to(gc30m["token_dictionary"])
+    with pytest.raises(CheckpointError, match="several token_dictionary"):
+        _load(d, gene_median_dictionary=gc30m["gene_median_dictionary"])
+
+
+# -- gene overlap on the real dataset -------------------------------------------------------------
+def test_pc9_overlap(pc9_path: Path, fx: Path, gc30m: dict[str, str], vocab_dir: Path) -> None:
+    var = ad.read_h5ad(pc9_path, backed="r").var
+    a = _load(fx / "checkpoint", **gc30m)
+    # Ensembl ids as given in var: the README's 14,181 kept columns (14 ids occur twice)
+    given = GeneTable(symbols=np.asarray(var.index, dtype=object),
+                      ensembl=np.asarray(var["ensembl_id"].astype(str), dtype=object))
+    ov = a.prepare(given)
+    assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data, ov.n_vocab) == (25077, 14181, 14167, 25424)
+    # the engine's GeneTable also maps symbols without an id offline: more genes are used
+    ov_full = a.prepare(GeneTable.from_var(var))
+    assert ov_full.n_data_used == 14208
+    # with the checkpoint's gene name -> id dictionary, symbols still without an id are looked up
+    b = _load(fx / "checkpoint", gene_name_id_dictionary=str(vocab_dir / "geneformer" / "gc30M"
+                                                             / "gene_name_id_dict_gc30M.pkl"), **gc30m)
+    assert b.prepare(given).n_data_used == 14183
