@@ -1,0 +1,175 @@
+"""``scdm-eval``: score cached embeddings with fast classifiers under honest splits."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from scdm_embed._cli_common import err_console, friendly_errors
+
+app = typer.Typer(
+    help="Predict drug sensitivity from cached cell embeddings: fast classifiers under honest, saved splits.\n\n"
+    "Typical use: scdm-eval run --store store/scdm.zarr --scheme pooled --group-key sample --out results",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+splits_app = typer.Typer(help="Show or make the saved train/test splits of a store.", no_args_is_help=True,
+                         add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(splits_app, name="splits")
+console = Console(highlight=False)
+
+
+class Scheme(str, Enum):
+    pooled = "pooled"
+    cross = "cross"
+
+
+class By(str, Enum):
+    all = "all"
+    tissue = "tissue"
+    cancer_type = "cancer_type"
+    drug = "drug"
+    drug_type = "drug_type"
+    regimen = "regimen"
+    study = "study"
+    dataset = "dataset"
+
+
+Store = Annotated[Path, typer.Option("--store", "-s", help="The scdm Zarr store (from `scdm-embed extract`).")]
+SchemeOpt = Annotated[Scheme, typer.Option(help="pooled: k-fold inside each category; cross: leave one study out.")]
+ByOpt = Annotated[By, typer.Option(help="all: one category; else one evaluation per value of this metadata column.")]
+FoldsOpt = Annotated[int, typer.Option(help="Folds for the pooled scheme.")]
+GroupOpt = Annotated[str | None, typer.Option(help="Keep each value of this column (e.g. sample) on one side of every split.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the folds and the classifiers.")]
+StrictOpt = Annotated[bool, typer.Option(help="Fail instead of skipping categories that cannot be evaluated.")]
+
+
+@contextlib.contextmanager
+def _show_warnings() -> Iterator[None]:
+    """Print user-facing warnings as ``warning: ...`` lines on stderr."""
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        if issubclass(category, UserWarning):
+            err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}")
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
+
+
+@app.command()
+@friendly_errors
+def run(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.parquet/.csv, summary.md/.png.")],
+    store: Store = Path("store/scdm.zarr"),
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model to evaluate (repeatable; default: every model complete for all datasets).")] = None,
+    scheme: SchemeOpt = Scheme.pooled,
+    by: ByOpt = By.all,
+    classifier: Annotated[list[str] | None, typer.Option("--classifier", "-c", help="mlp | xgboost | logreg | majority (repeatable; default: mlp, xgboost, logreg).")] = None,
+    folds: FoldsOpt = 10,
+    group_key: GroupOpt = None,
+    seed: SeedOpt = 0,
+    n_jobs: Annotated[int, typer.Option(help="Parallel workers (-1: all cores).")] = -1,
+    max_epochs: Annotated[int | None, typer.Option(help="MLP: most training epochs; early stopping may end sooner (default: 100).")] = None,
+    strict: StrictOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Fit and score classifiers on every model x partition, write the results and a summary."""
+    from ._report import rich_table, summarize
+    from ._run import run_evaluation
+
+    clfs = tuple(classifier) if classifier else ("mlp", "xgboost", "logreg")
+    opts = {"mlp": {"max_epochs": max_epochs}} if max_epochs is not None and "mlp" in clfs else None
+    with _show_warnings():
+        res = run_evaluation(store, models=model, scheme=scheme.value, by=by.value, classifiers=clfs, folds=folds,
+                             group_key=group_key, seed=seed, n_jobs=n_jobs, out=out, classifier_options=opts,
+                             strict=strict, progress=not quiet)
+    console.print(rich_table(summarize(res)))
+    skipped = res.attrs.get("skipped", [])
+    if skipped:
+        console.print(f"{len(skipped)} categor{'y' if len(skipped) == 1 else 'ies'}/partition(s) skipped (see summary.md)")
+    console.print(f"{len(res)} fits; split {res.attrs['split']}; wrote {out}/results.parquet, results.csv, summary.md, summary.png")
+
+
+@splits_app.command("make")
+@friendly_errors
+def splits_make(
+    store: Store = Path("store/scdm.zarr"),
+    scheme: SchemeOpt = Scheme.pooled,
+    by: ByOpt = By.all,
+    folds: FoldsOpt = 10,
+    group_key: GroupOpt = None,
+    seed: SeedOpt = 0,
+    strict: StrictOpt = False,
+    overwrite: Annotated[bool, typer.Option(help="Recompute even when these splits are saved.")] = False,
+) -> None:
+    """Compute the splits of the store's cells and save them (or load the saved ones)."""
+    from ._splits import make_splits
+
+    with _show_warnings():
+        s = make_splits(store, scheme=scheme.value, by=by.value, folds=folds, group_key=group_key, seed=seed,
+                        strict=strict, overwrite=overwrite)
+    console.print(_partitions_table(s))
+
+
+@splits_app.command("show")
+@friendly_errors
+def splits_show(
+    store: Store = Path("store/scdm.zarr"),
+    name: Annotated[str | None, typer.Option(help="Show the partitions of this split.")] = None,
+) -> None:
+    """List the splits saved in the store, or the partitions of one."""
+    from scdm_embed._errors import ScdmError
+
+    from ._splits import list_splits, load_splits
+
+    if name is None:
+        df = list_splits(store)
+        if not len(df):
+            console.print("no saved splits (they are made by `scdm-eval run` or `scdm-eval splits make`)")
+            return
+        t = Table(title=f"splits in {store}")
+        t.add_column("name", no_wrap=True)
+        for c in ("cells", "partitions", "skipped", "created"):
+            t.add_column(c, justify="right" if c != "created" else "left")
+        for r in df.itertuples(index=False):
+            t.add_row(r.name, str(r.n_cells), str(r.partitions), str(r.skipped), str(r.created or "")[:16])
+        console.print(t)
+        console.print("names: scheme-by-k<folds>-<group key|cells>-s<seed>-<cell hash> (pooled), "
+                      "cross-by-<study key>-<cell hash> (cross); show one with --name")
+        return
+    s = load_splits(store, name)
+    if s is None:
+        raise ScdmError(f"no split named {name!r} in {str(store)!r}", "list them with `scdm-eval splits show --store PATH`")
+    console.print(_partitions_table(s))
+
+
+def _partitions_table(s) -> Table:
+    t = Table(title=f"{s.name}: {len(s.table)} cells, {len(s)} partitions")
+    for c in ("category", "partition", "train (sens/res)", "test (sens/res)", "skipped"):
+        t.add_column(c)
+    for r in s.partitions.itertuples(index=False):
+        t.add_row(escape(str(r.category)), escape(str(r.name)) or "-",
+                  f"{r.n_train} ({r.train_sensitive}/{r.train_resistant})",
+                  f"{r.n_test} ({r.test_sensitive}/{r.test_resistant})", escape(str(r.skipped)))
+    return t
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The evaluation grid on a synthetic cohort stored with put_dataset + put_embedding."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pandas as pd
+import pytest
+
+from scdm_embed._errors import ScdmError, StoreError
+from scdm_embed._store import EmbeddingStore
+from scdm_embed._synthetic import synthetic_cohort
+from scdm_eval import METRICS, RESULT_COLUMNS, run_evaluation, summarize
+from tests.scdm_eval.conftest import FAST, build_store, embeddings
+
+
+def _run(store, **kw):
+    kw.setdefault("n_jobs", 1)
+    kw.setdefault("classifier_options", {k: v for k, v in FAST.items() if k in kw.get("classifiers", ())})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_evaluation(store, **kw)
+
+
+def test_pooled_grid_shape_counts_and_skill(cohort_store):
+    res = _run(cohort_store, classifiers=("logreg", "majority"), folds=3, group_key="sample")
+    assert list(res.columns) == list(RESULT_COLUMNS)
+    assert len(res) == 2 * 1 * 3 * 2  # models x categories x folds x classifiers
+    assert set(res["model"]) == {"pca", "sig"} and set(res["category"]) == {"all"}
+    assert (res["n_train"] == res["train_sensitive"] + res["train_resistant"]).all()
+    assert (res["n_test"] == res["test_sensitive"] + res["test_resistant"]).all()
+    assert (res["n_train"] + res["n_test"] == 720).all()
+    assert res[list(METRICS)].stack().between(0, 1).all()
+    s = summarize(res).set_index(["model", "classifier"])
+    assert s.loc[("pca", "logreg"), "auroc_mean"] > 0.9
+    assert s.loc[("pca", "majority"), "auroc_mean"] == 0.5
+    assert res.attrs["split"].startswith("pooled-all-k3-sample-s0-")
+    assert EmbeddingStore(cohort_store).splits() == [res.attrs["split"]]
+
+
+def test_by_category_with_groups(cohort_store):
+    res = _run(cohort_store, models=["sig"], by="tissue", classifiers=("logreg",), folds=3, group_key="sample")
+    assert len(res) == 1 * 2 * 3 * 1
+    assert sorted(res["category"].unique()) == ["breast", "lung"]
+    assert (res.groupby("category")["n_test"].sum() == 360).all()
+
+
+def test_cross_scheme_reports_each_held_out_study(cohort_store):
+    res = _run(cohort_store, scheme="cross", by="drug", classifiers=("logreg", "xgboost"))
+    assert len(res) == 2 * 4 * 2  # models x (2 drugs x 2 studies) x classifiers
+    assert set(res["partition"]) == {"study1", "study2", "study3", "study4"}
+    assert (res["n_test"] == 180).all() and (res["n_train"] == 180).all()
+    by_drug = res.drop_duplicates("partition").groupby("category")["partition"].apply(sorted).to_dict()
+    assert by_drug == {"erlotinib": ["study1", "study2"], "paclitaxel": ["study3", "study4"]}
+    assert res["auroc"].notna().all() and res["accuracy"].notna().all()
+    # across studies a batch shift can push every cell of a held-out study to one side: then
+    # precision is undefined (NaN with a reason), never 0
+    undefined = res["precision"].isna()
+    assert (res.loc[undefined, "reason"] == "precision: no cell predicted sensitive").all()
+    assert (res.loc[~undefined, "reason"] == "").all()
+    assert res.attrs["params"]["scheme"] == "cross"
+
+
+def test_single_class_held_out_study_has_nan_with_reason(tmp_path):
+    a = synthetic_cohort(n_studies=3, samples_per_study=4, cells_per_sample=15, n_genes=60, n_signal_genes=10)
+    a.obs.loc[a.obs["study"] == "study3", "response"] = "resistant"
+    path = build_store(tmp_path / "s.zarr", a)
+    res = _run(path, scheme="cross", classifiers=("logreg",))
+    row = res.set_index(["model", "partition"]).loc[("pca", "study3")]
+    assert math.isnan(row["auroc"]) and math.isnan(row["auprc"]) and math.isnan(row["recall"])
+    assert 0.0 <= row["accuracy"] <= 1.0
+    assert "test cells are all resistant" in row["reason"]
+    assert not math.isnan(res.set_index(["model", "partition"]).loc[("pca", "study1"), "auroc"])
+    s = summarize(res).set_index("model")
+    assert s.loc["pca", "auroc_n"] == 2 and s.loc["pca", "accuracy_n"] == 3
+
+
+def test_same_seed_identical_results_serial_or_parallel(cohort_store, tmp_path):
+    kw = {"classifiers": ("mlp", "xgboost", "logreg"), "folds": 3, "group_key": "sample", "seed": 7}
+    one = _run(cohort_store, n_jobs=1, **kw)
+    two = _run(cohort_store, n_jobs=2, **kw)
+    pd.testing.assert_frame_equal(one, two)
+    assert len(one) == 2 * 3 * 3
+
+
+def test_outputs_written(cohort_store, tmp_path):
+    out = tmp_path / "out"
+    res = _run(cohort_store, by="tissue", classifiers=("logreg",), folds=3, group_key="sample", out=out)
+    for f in ("results.parquet", "results.csv", "summary.csv", "summary.md", "summary.png", "skipped.csv"):
+        assert (out / f).stat().st_size > 0, f
+    back = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(back, res, check_dtype=False)
+    md = (out / "summary.md").read_text()
+    assert "## tissue: breast" in md and "Student-t" in md and "| pca | logreg | 3 |" in md
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_skipped_category_is_recorded(tmp_path):
+    a = synthetic_cohort(n_studies=4, samples_per_study=4, cells_per_sample=10, n_genes=60, n_signal_genes=10)
+    a.obs.loc[a.obs["tissue"] == "breast", "response"] = "sensitive"
+    path = build_store(tmp_path / "s.zarr", a)
+    with pytest.warns(UserWarning, match="breast: only sensitive cells"):
+        res = run_evaluation(path, models=["pca"], by="tissue", classifiers=("logreg",), folds=2,
+                             group_key="sample", n_jobs=1, out=tmp_path / "out")
+    assert set(res["category"]) == {"lung"}
+    assert [s["category"] for s in res.attrs["skipped"]] == ["breast"]
+    assert "breast" in (tmp_path / "out" / "skipped.csv").read_text()
+    assert "## Skipped" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_leakage_warning_reaches_the_caller_and_the_report(cohort_store, tmp_path):
+    with pytest.warns(UserWarning, match="confounded with 'sample'"):
+        res = run_evaluation(cohort_store, models=["sig"], classifiers=("logreg",), folds=3, n_jobs=1,
+                             out=tmp_path / "o")
+    assert any("sample" in w for w in res.attrs["warnings"])
+    assert "## Warnings" in (tmp_path / "o" / "summary.md").read_text()
+
+
+def test_bad_requests(cohort_store, tmp_path, cohort):
+    with pytest.raises(StoreError, match="model 'scgpt' has no embeddings.*has: pca, sig"):
+        _run(cohort_store, models=["scgpt"], classifiers=("logreg",))
+    with pytest.raises(ScdmError, match="unknown classifier 'svm'"):
+        _run(cohort_store, classifiers=("logreg", "svm"))
+    with pytest.raises(ScdmError, match="not evaluated"):
+        run_evaluation(cohort_store, classifiers=("logreg",), classifier_options={"mlp": {"max_epochs": 1}})
+    with pytest.raises(ScdmError, match="bad options for classifier 'mlp'"):
+        run_evaluation(cohort_store, classifiers=("mlp",), classifier_options={"mlp": {"epochs": 1}})
+    with pytest.raises(StoreError, match="no scdm store"):
+        run_evaluation(tmp_path / "missing.zarr")
+    # a model without embeddings for one dataset cannot be compared on the same cells
+    st = EmbeddingStore(cohort_store, mode="a")
+    st.put_embedding("partial", "cohortA", embeddings(cohort)["sig"][:360])
+    with pytest.raises(StoreError, match=r"'partial' lacks complete, current embeddings for dataset\(s\) \['cohortB'\]"):
+        _run(cohort_store, models=["partial"], classifiers=("logreg",))
+    res = _run(cohort_store, classifiers=("logreg",), folds=3, group_key="sample")  # default: complete models only
+    assert set(res["model"]) == {"pca", "sig"}
