@@ -21,12 +21,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install  ## embed the real PC9 cells (pca, hvg, MiniLM) and score them: pooled 10-fold
 	$(BIN)/scdm-embed extract gse149214_pc9 --dataset pc9 --model pca --store $(STORE)
 	$(BIN)/scdm-embed extract gse149214_pc9 --dataset pc9 --model hvg --store $(STORE)
-	$(BIN)/scdm-embed extract gse149214_pc9 --dataset pc9 --model lm --checkpoint minilm --store $(STORE) --option n_genes=128
+	$(BIN)/scdm-embed extract gse149214_pc9 --dataset pc9 --model lm --checkpoint minilm --store $(STORE) --option n_genes=48
 	$(BIN)/scdm-embed inspect $(STORE)
 	$(BIN)/scdm-eval run --store $(STORE) --scheme pooled --by all --folds 10 --classifier mlp --classifier xgboost --classifier logreg --out $(OUT)
 
 test: install
-	$(BIN)/pytest -q -n $(JOBS) --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) --dist loadfile
 
 bench: install
 	$(BIN)/python bench/run_all.py

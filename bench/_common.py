@@ -31,6 +31,6 @@ def peak_rss_mb() -> float:
 
 def table(title: str, rows: list[tuple], header: tuple) -> None:
     print(f"\n## {title}")
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for r in (header, tuple("-" * w for w in widths), *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)))

@@ -3,37 +3,48 @@
 >>> import scdm_embed as se                                       # doctest: +SKIP
 >>> se.extract("cells.h5ad", model="pca", store="store/scdm.zarr")  # doctest: +SKIP
 >>> X, cells = se.EmbeddingStore("store/scdm.zarr").load("pca")     # doctest: +SKIP
+
+Names are imported on first use, so ``import scdm_embed`` stays light (torch and scanpy load
+only when an extraction or adapter needs them).
 """
 
-from ._batching import embed_matrix
-from ._engine import ExtractionResult, extract
-from ._errors import CheckpointError, InputError, ScdmError, StaleCacheError, StoreError
-from ._genes import GeneTable, ensembl_to_symbols, symbols_to_ensembl
-from ._input import LabelSpec, read_input
-from ._inspect import store_table
-from ._store import DEFAULT_STORE, EmbeddingStore
-from ._version import __version__
-from .models import Adapter, available_models, get_adapter
+from __future__ import annotations
 
-__all__ = [
-    "Adapter",
-    "CheckpointError",
-    "DEFAULT_STORE",
-    "EmbeddingStore",
-    "ExtractionResult",
-    "GeneTable",
-    "InputError",
-    "LabelSpec",
-    "ScdmError",
-    "StaleCacheError",
-    "StoreError",
-    "__version__",
-    "available_models",
-    "embed_matrix",
-    "ensembl_to_symbols",
-    "extract",
-    "get_adapter",
-    "read_input",
-    "store_table",
-    "symbols_to_ensembl",
-]
+import importlib
+from typing import Any
+
+from ._errors import CheckpointError, InputError, ScdmError, StaleCacheError, StoreError
+from ._version import __version__
+
+_LAZY = {
+    "embed_matrix": "._batching",
+    "ExtractionResult": "._engine",
+    "extract": "._engine",
+    "GeneTable": "._genes",
+    "ensembl_to_symbols": "._genes",
+    "symbols_to_ensembl": "._genes",
+    "LabelSpec": "._input",
+    "read_input": "._input",
+    "store_table": "._inspect",
+    "DEFAULT_STORE": "._store",
+    "EmbeddingStore": "._store",
+    "Adapter": ".models",
+    "available_models": ".models",
+    "get_adapter": ".models",
+    "register_adapter": ".models",
+    "datasets": ".datasets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        mod = importlib.import_module(_LAZY[name], __name__)
+        return mod if name == "datasets" else getattr(mod, name)
+    raise AttributeError(f"module 'scdm_embed' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["CheckpointError", "InputError", "ScdmError", "StaleCacheError", "StoreError", "__version__", *_LAZY]

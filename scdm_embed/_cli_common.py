@@ -15,6 +15,11 @@ from ._errors import ScdmError
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def make_console() -> Console:
+    """stdout console: terminal width in a terminal, 160 columns when piped (logs, make)."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Print :class:`ScdmError` as ``error: ...`` + ``fix: ...`` (no traceback) and exit 2."""
 

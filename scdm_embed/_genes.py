@@ -76,7 +76,7 @@ def _symbol_maps() -> tuple[dict[str, str], dict[str, str]]:
     for col, split in (("gene_name", False), ("Approved symbol", False), ("Previous symbols", True), ("Alias symbols", True)):
         tier: dict[str, set[str]] = {}
         if col in df:
-            for ens, val in zip(df["ensembl_id"].to_numpy(), df[col].to_numpy()):
+            for ens, val in zip(df["ensembl_id"].to_numpy(), df[col].to_numpy(), strict=True):
                 if not isinstance(val, str) or not val:
                     continue
                 for sym in (v.strip() for v in val.split(",")) if split else (val,):
@@ -92,7 +92,7 @@ def _symbol_maps() -> tuple[dict[str, str], dict[str, str]]:
             else:
                 ambiguous.add(sym)
     ens2sym = {}
-    for ens, name in zip(df["ensembl_id"].to_numpy(), df["gene_name"].to_numpy()):
+    for ens, name in zip(df["ensembl_id"].to_numpy(), df["gene_name"].to_numpy(), strict=True):
         if isinstance(name, str) and name and ens not in ens2sym:
             ens2sym[ens] = name
     return sym2ens, ens2sym

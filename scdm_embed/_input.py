@@ -97,10 +97,7 @@ class InputDataset:
 
 
 def _as_csr(block) -> sp.csr_matrix:
-    if sp.issparse(block):
-        m = sp.csr_matrix(block)
-    else:
-        m = sp.csr_matrix(np.asarray(block))
+    m = sp.csr_matrix(block)
     m.sum_duplicates()
     m.sort_indices()
     return m.astype(np.float32, copy=False)
@@ -176,7 +173,7 @@ def read_input(
         if n_cells == 0 or n_genes == 0:
             raise InputError(f"the matrix of {path.name} is empty ({n_cells} cells x {n_genes} genes)", "give a file with cells and genes")
         _check_unique(obs.index, "cell", "call adata.obs_names_make_unique() (or drop the duplicates) and save again")
-        ids = var.index if gene_key is None else var[gene_key] if gene_key in var else None
+        ids = var.index if gene_key is None else var.get(gene_key)
         if ids is None:
             raise InputError(f"gene column {gene_key!r} is not in var; var has: {list(var.columns)}", "pass --gene-key with one of those, or omit it to use var_names")
         _check_unique(pd.Index(ids.astype(str)), "gene", "call adata.var_names_make_unique() or aggregate duplicated genes")

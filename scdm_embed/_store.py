@@ -244,9 +244,9 @@ class EmbeddingStore:
             table = table.loc[list(cells)]
         blocks = []
         for ds in names:
-            g = mg[ds] if ds in mg else None
-            if g is None:
+            if ds not in mg:
                 raise StoreError(f"model {model!r} has no embeddings for dataset {ds!r}", f"run `scdm-embed extract ... --model {model} --dataset {ds}`")
+            g = mg[ds]
             a = dict(g.attrs)
             if not a.get("complete") and not allow_incomplete:
                 raise StoreError(f"embeddings {model}/{ds} are incomplete ({int(g['done'][:].sum())}/{g['done'].shape[0]} chunks)",

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ._cli_common import friendly_errors, parse_options
+from ._cli_common import friendly_errors, make_console, parse_options
 from ._input import DEFAULT_RESISTANT, DEFAULT_SENSITIVE, LabelSpec
 
 app = typer.Typer(
@@ -19,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = make_console()
 
 Store = Annotated[Path, typer.Option("--store", "-s", help="Zarr store to write into (created if absent).")]
 

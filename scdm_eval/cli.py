@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from scdm_embed._cli_common import err_console, friendly_errors
+from scdm_embed._cli_common import err_console, friendly_errors, make_console
 
 app = typer.Typer(
     help="Predict drug sensitivity from cached cell embeddings: fast classifiers under honest, saved splits.\n\n"
@@ -26,7 +25,7 @@ app = typer.Typer(
 splits_app = typer.Typer(help="Show or make the saved train/test splits of a store.", no_args_is_help=True,
                          add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(splits_app, name="splits")
-console = Console(highlight=False)
+console = make_console()
 
 
 class Scheme(str, Enum):

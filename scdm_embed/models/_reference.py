@@ -47,7 +47,7 @@ class FittedAdapter(Adapter):
         super().__init__(checkpoint, **options)
         self.n_top_genes = int(self.options.get("n_top_genes", 2000))
         self.n_comps = int(self.options.get("n_comps", 50))
-        self.max_fit_cells = int(self.options.get("max_fit_cells", 50_000))
+        self.max_fit_cells = int(self.options.get("max_fit_cells", 10_000))
         self.ref: dict[str, np.ndarray] | None = None
         self.ref_attrs: dict[str, Any] = {}
 
@@ -62,8 +62,8 @@ class FittedAdapter(Adapter):
     def fit_reference(self, data) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Fit the gene list (and basis) on ``data`` (an InputDataset); labels are never read."""
         n = data.n_cells
-        step = max(1, -(-n // self.max_fit_cells))
-        rows = np.arange(0, n, step)
+        rows = np.arange(n) if n <= self.max_fit_cells else np.sort(
+            np.random.default_rng(0).choice(n, self.max_fit_cells, replace=False))
         blocks = [data.read_rows(s, min(s + 4096, n))[(rows[(rows >= s) & (rows < s + 4096)] - s)] for s in range(0, n, 4096)]
         X = _lognorm(sp.vstack(blocks).tocsr())
         symbols = np.array([str(s).upper() for s in data.genes.symbols], dtype=object)
@@ -75,11 +75,11 @@ class FittedAdapter(Adapter):
         genes = symbols[hv]
         arrays: dict[str, np.ndarray] = {"genes": genes.astype(str)}
         if self.fits_pca:
-            Xh = np.asarray(X[:, hv].todense(), dtype=np.float64)
-            mean = Xh.mean(0)
-            std = Xh.std(0, ddof=1)
+            Xh = X[:, hv].toarray()
+            mean = Xh.mean(0, dtype=np.float64)
+            std = Xh.std(0, ddof=1, dtype=np.float64)
             std[std == 0] = 1.0
-            Z = np.clip((Xh - mean) / std, None, SCALE_CLIP)
+            Z = np.clip((Xh - mean.astype(np.float32)) / std.astype(np.float32), None, SCALE_CLIP)
             k = min(self.n_comps, min(Z.shape) - 1)
             pca = PCA(n_components=k, svd_solver="full", random_state=0).fit(Z)
             arrays |= {"mean": mean.astype(np.float32), "std": std.astype(np.float32),
