@@ -123,3 +123,19 @@ def test_reference_fitted_once_per_store(tmp_path, pc9_small):
     Xb, _ = st.load("pca", datasets=["b"])
     Xboth, _ = st.load("pca", datasets=["both"])
     np.testing.assert_allclose(Xb, Xboth[120:], atol=1e-5)
+
+
+def test_load_keeps_the_order_of_interleaved_cells(tmp_path, pc9_small):
+    """Cells from several datasets in any order come back row-aligned with the table."""
+    path = tmp_path / "s.zarr"
+    a = ad.read_h5ad(pc9_small)
+    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")
+    a[120:].copy().write_h5ad(tmp_path / "b.h5ad")
+    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", progress=False)
+    extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", progress=False)
+    st = EmbeddingStore(path)
+    X, cells = st.load("pca")
+    pick = [cells.index[130], cells.index[5], cells.index[200], cells.index[6]]
+    Xs, cs = st.load("pca", cells=pick)
+    assert list(cs.index) == pick
+    np.testing.assert_array_equal(Xs, X[[130, 5, 200, 6]])
