@@ -150,7 +150,14 @@ class MLPClassifier:
         return np.concatenate(out).astype(np.float64) if out else np.empty((0, 2))
 
 
-class XGBoostClassifier:
+class _FittedModel:
+    """Shared by classifiers wrapping an sklearn-style ``model_``: float32 in, float64 probabilities out."""
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model_.predict_proba(np.asarray(X, dtype=np.float32)), dtype=np.float64)
+
+
+class XGBoostClassifier(_FittedModel):
     """Gradient-boosted trees (``xgboost``, ``tree_method="hist"``, one thread by default)."""
 
     name: ClassVar[str] = "xgboost"
@@ -170,11 +177,9 @@ class XGBoostClassifier:
         self.model_.fit(X, y)
         return self
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model_.predict_proba(np.asarray(X, dtype=np.float32)), dtype=np.float64)
 
 
-class LogisticClassifier:
+class LogisticClassifier(_FittedModel):
     """L2 logistic regression on standardised features (sklearn pipeline, lbfgs)."""
 
     name: ClassVar[str] = "logreg"
@@ -193,8 +198,6 @@ class LogisticClassifier:
         self.model_.fit(X, y)
         return self
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model_.predict_proba(np.asarray(X, dtype=np.float32)), dtype=np.float64)
 
 
 class MajorityClassifier:
