@@ -8,7 +8,6 @@ files come from ``$SCDM_DATA_URL`` (a base URL holding the same relative paths).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -57,20 +56,14 @@ def _mirrors() -> list[Path]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while b := fh.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
-
-
 def _seed_cache(info: DatasetInfo, target: Path, mirrors: Sequence[Path]) -> None:
     if target.exists():
         return
+    from .models._base import sha256_file  # lazy: the models package imports torch
+
     for m in mirrors:
         src = m / info.path
-        if src.exists() and _sha256(src) == info.sha256:
+        if src.exists() and sha256_file(src) == info.sha256:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(target.suffix + ".part")
             shutil.copyfile(src, tmp)

@@ -179,10 +179,20 @@ def hash_path(path: Path | None, *, block: int = 1 << 20) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(block):
-                h.update(chunk)
+        _update_from_file(h, f, block)
     return "sha256:" + h.hexdigest()
+
+
+def sha256_file(path: Path, *, block: int = 1 << 20) -> str:
+    """Hex sha256 of one file's bytes (read in blocks; no ``sha256:`` prefix)."""
+    return _update_from_file(hashlib.sha256(), path, block).hexdigest()
+
+
+def _update_from_file(h: Any, path: Path, block: int) -> Any:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h
 
 
 # -- pooling shared by the adapters ----------------------------------------------------------

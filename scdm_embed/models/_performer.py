@@ -48,7 +48,6 @@ Two deliberate, documented choices:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -64,7 +63,8 @@ from torch import nn
 
 from .._errors import CheckpointError, ScdmError
 from .._genes import GeneTable, looks_like_ensembl, strip_version
-from ._base import Adapter, CellChunk, GeneOverlap
+from ._base import Adapter, CellChunk, GeneOverlap, sha256_file
+from ._checkpoint import require_keys, shape_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -348,14 +348,9 @@ def build_encoder(state: Mapping[str, torch.Tensor], path: Path, *, model: str) 
         closest = max(HEAD_LAYOUTS.values(), key=lambda keys: len(keys & head_keys))
         unknown = sorted(set(unknown) | (head_keys - closest))
         missing = sorted(set(missing) | (closest - head_keys))
-    if missing or unknown:
-        raise CheckpointError(
-            f"{str(path)!r} does not match the {model} PerformerLM layout: "
-            f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-            f"unexpected {unknown[:8]}{' ...' if len(unknown) > 8 else ''}",
-            f"pass the official {model} checkpoint, unmodified")
-    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-           if tuple(state[k].shape) != tuple(v.shape)]
+    require_keys(missing, unknown, what=f"{str(path)!r} does not match the {model} PerformerLM layout",
+                 fix=f"pass the official {model} checkpoint, unmodified")
+    bad = shape_mismatches(expected, state)
     if layout == "mlm" and tuple(state["to_out.weight"].shape) != (cfg.num_tokens, cfg.dim):
         bad.append(f"to_out.weight: {tuple(state['to_out.weight'].shape)} vs {(cfg.num_tokens, cfg.dim)}")
     if bad:
@@ -448,14 +443,6 @@ def log_normalize(X: sp.csr_matrix, *, target_sum: float, log_base: float | None
 def bin_values(values: np.ndarray, max_bin: int) -> np.ndarray:
     """``v[v > max_bin] = max_bin; v.long()``: clip, then truncate to an integer bin."""
     return np.trunc(np.minimum(values, np.float32(max_bin))).astype(np.int64)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 # -- the shared adapter -----------------------------------------------------------------------
@@ -628,7 +615,7 @@ class PerformerAdapter(Adapter):
             "architecture": asdict(self.model.config) if self.model is not None else None,
             "head_in_checkpoint": self.head_layout,
             "gene_list": str(gl) if gl is not None else None,
-            "gene_list_sha256": _sha256(gl) if gl is not None and gl.is_file() else None,
+            "gene_list_sha256": "sha256:" + sha256_file(gl) if gl is not None and gl.is_file() else None,
             "n_genes": len(self._model_genes) if self._model_genes is not None else None,
             "gene_matching": "exact symbol (Ensembl id for an Ensembl list), first duplicate wins",
             "gene2vec_cross_checked": self._gene2vec_checked,

@@ -1,11 +1,12 @@
-"""Ranked gene sentences, shared by the text-like adapters (tGPT, language models).
+"""Ranked gene sentences, shared by the text-like adapters (tGPT, language models, Geneformer).
 
 A cell becomes its expressed genes in descending expression order. Ranking is written once
 here, vectorised over a CSR chunk: one ``np.lexsort`` over the chunk's non-zeros, no loop over
 genes. Ties are broken stably by column index, i.e. in ``var`` order (as the tGPT reference
 fixture does with ``np.argsort(-x, kind="stable")``).
 
-Also holds the small Hugging Face loading helpers both adapters use (offline, quiet, strict).
+Also holds the small Hugging Face helpers these adapters share (offline, quiet, strict loading,
+masked mean pooling).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from .._errors import CheckpointError
+from ._base import masked_mean
 
 
 def ranked_columns(
@@ -119,6 +122,25 @@ def quiet_hf() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def read_hf_config(config_cls: Any, checkpoint: Path, *, fix: str) -> Any:
+    """``config_cls.from_pretrained`` on the local folder; any failure -> :class:`CheckpointError`."""
+    try:
+        return config_cls.from_pretrained(str(checkpoint), local_files_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read {checkpoint}/config.json: {err}", fix) from err
+
+
+def load_hf_weights(model_cls: Any, checkpoint: Path, *, what: str, fix: str, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """``model_cls.from_pretrained`` on the local folder, quietly, with its loading info
+    (check it with :func:`check_loading_info`); any failure -> :class:`CheckpointError`."""
+    try:
+        with quiet_hf():
+            return model_cls.from_pretrained(str(checkpoint), output_loading_info=True, local_files_only=True,
+                                             **kwargs)
+    except Exception as err:  # noqa: BLE001 - unreadable or shape-mismatched weights
+        raise CheckpointError(f"cannot load {what} in {str(checkpoint)!r}: {err}", fix) from err
+
+
 def check_loading_info(
     info: dict[str, Any],
     checkpoint: Path,
@@ -147,3 +169,10 @@ def check_loading_info(
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match its config ("
                               + "; ".join(problems) + ")", fix)
     return allowed
+
+
+def zeroed_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float32 mean of ``hidden`` (B, L, D) over ``mask`` (B, L), masked positions zeroed first
+    (so a non-finite state at a pad can never reach the mean)."""
+    mask = mask.bool()
+    return masked_mean(hidden.float().masked_fill(~mask.unsqueeze(-1), 0.0), mask)

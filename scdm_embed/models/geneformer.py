@@ -22,12 +22,9 @@ Quirks of the original kept on purpose (see ``reference_fixtures/geneformer/READ
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,7 +34,8 @@ import torch
 
 from .._errors import CheckpointError, ScdmError
 from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, first_token, masked_mean
+from ._base import Adapter, CellChunk, GeneOverlap, first_token, masked_mean, sha256_file
+from ._sentences import check_loading_info, load_hf_weights, ranked_columns
 
 log = logging.getLogger(__name__)
 
@@ -262,23 +260,17 @@ class GeneformerAdapter(Adapter):
         F.eliminate_zeros()
         F.sort_indices()
         row = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(F.indptr))
-        col = F.indices.astype(np.int64)
         # same float64 operations, same order, as the original: x / n_counts * 10000 / median
         val = F.data / totals[row]
         val = val * _TARGET_SUM
-        val = val / self._feat_median[col]
-        keep = val > 0
-        row, col, val = row[keep], col[keep], val[keep]
-        order = np.lexsort((-val, row))  # by cell, then value descending; ties in column order
-        row, col = row[order], col[order]
-        counts = np.bincount(row, minlength=n_cells)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        val = val / self._feat_median[F.indices]
         v2 = self._generation == "v2"
         n_genes = self._max_length - 2 if v2 else self._max_length
-        top = (np.arange(len(row)) - starts[row]) < n_genes
-        tokens = self._feat_tokens[col[top]]
-        counts = np.minimum(counts, n_genes)
-        parts = np.split(tokens, np.cumsum(counts)[:-1]) if n_cells else []
+        # value descending, ties in column order, top n_genes per cell (values > 0 only)
+        col, offsets = ranked_columns(sp.csr_matrix((val, F.indices, F.indptr), shape=F.shape), n_genes)
+        tokens = self._feat_tokens[col]
+        counts = np.diff(offsets)
+        parts = np.split(tokens, offsets[1:-1]) if n_cells else []
         empty = int((counts == 0).sum())
         if empty:
             log.warning("geneformer: %d cell(s) express no vocabulary gene; their mean-pooled embedding is zero", empty)
@@ -331,7 +323,7 @@ class GeneformerAdapter(Adapter):
             "ranking": "descending, ties in column order",
             "layer": self._layer,
             "pooling": self.options.get("pooling", "mean"),
-            "dictionaries": {k: {"file": p.name, "sha256": _sha256(p)} for k, p in sorted(self._files.items())},
+            "dictionaries": {k: {"file": p.name, "sha256": sha256_file(p)} for k, p in sorted(self._files.items())},
         }
 
 
@@ -353,14 +345,6 @@ def _as_bool(value: Any, key: str) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     raise ScdmError(f"geneformer {key}={value!r} is not true/false", f"pass {key}=true or {key}=false")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_pickle(path: Path) -> dict[Any, Any]:
@@ -392,22 +376,6 @@ def _read_config(ckpt: Path) -> Any:
     return BertConfig(**{k: v for k, v in raw.items() if k != "model_type"})
 
 
-@contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
-    """Silence transformers' load reports and progress bars (restored after)."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _load_bert(ckpt: Path, config: Any, dtype: torch.dtype) -> torch.nn.Module:
     """Load the checkpoint with its own architecture, strictly; return the ``BertModel`` encoder."""
     import transformers
@@ -418,20 +386,7 @@ def _load_bert(ckpt: Path, config: Any, dtype: torch.dtype) -> torch.nn.Module:
     arch = next((a for a in (config.architectures or []) if a in _ARCHITECTURES), "BertForMaskedLM")
     cls = getattr(transformers, arch)
     fix = f"re-download the checkpoint; it must hold every weight of {arch} for its config.json"
-    try:
-        with _quiet_hf():
-            model, info = cls.from_pretrained(str(ckpt), output_loading_info=True, local_files_only=True)
-    except CheckpointError:
-        raise
-    except Exception as err:  # noqa: BLE001 - unreadable or shape-mismatched weights
-        raise CheckpointError(f"cannot load the Geneformer weights of {str(ckpt)!r}: {err}", fix) from err
-    problems = []
-    for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        keys = sorted(str(k) for k in (info.get(what) or []))
-        if keys:
-            shown = ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-            problems.append(f"{len(keys)} {what.replace('_', ' ')}: {shown}")
-    if problems:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r} does not match {arch} ({'; '.join(problems)})", fix)
+    model, info = load_hf_weights(cls, ckpt, what="the Geneformer weights", fix=fix)
+    check_loading_info(info, ckpt, fix=fix)
     model = model.to(dtype)
     return model if arch == "BertModel" else model.bert

@@ -24,8 +24,15 @@ import torch
 
 from .._errors import CheckpointError
 from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, masked_mean
-from ._sentences import check_loading_info, hf_offline, quiet_hf, ranked_columns
+from ._base import Adapter, CellChunk, GeneOverlap
+from ._sentences import (
+    check_loading_info,
+    hf_offline,
+    load_hf_weights,
+    ranked_columns,
+    read_hf_config,
+    zeroed_mean,
+)
 
 #: the special ``--checkpoint`` value that means the bundled all-MiniLM-L6-v2
 MINILM = "minilm"
@@ -94,21 +101,13 @@ class LanguageModelAdapter(Adapter):
         fix = f"pass --checkpoint DIR holding {self.checkpoint_layout}"
         if not ckpt.is_dir() or not (ckpt / "config.json").is_file():
             raise CheckpointError(f"{str(ckpt)!r} is not a Hugging Face model folder (no config.json)", fix)
-        try:
-            config = AutoConfig.from_pretrained(str(ckpt), local_files_only=True)
-        except Exception as err:
-            raise CheckpointError(f"cannot read {ckpt}/config.json: {err}", fix) from err
+        config = read_hf_config(AutoConfig, ckpt, fix=fix)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
         except Exception as err:
             raise CheckpointError(f"cannot load the tokenizer in {str(ckpt)!r}: {err}",
                                   "the folder needs the model's tokenizer files (tokenizer.json or vocab files)") from err
-        try:
-            with quiet_hf():
-                model, info = AutoModel.from_pretrained(str(ckpt), config=config, dtype=dtype,
-                                                        output_loading_info=True, local_files_only=True)
-        except Exception as err:
-            raise CheckpointError(f"cannot load the weights in {str(ckpt)!r}: {err}", fix) from err
+        model, info = load_hf_weights(AutoModel, ckpt, what="the weights", fix=fix, config=config, dtype=dtype)
         prefix = getattr(model, "base_model_prefix", "") or ""
         # heads of *ForCausalLM / *ForMaskedLM checkpoints (lm_head, cls, ...) are not part of the
         # base model and are unused here; anything under the base model must match exactly
@@ -185,9 +184,7 @@ class LanguageModelAdapter(Adapter):
 
     def pool(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean of the last hidden state over real tokens, in float32 (pads zeroed first)."""
-        mask = batch["attention_mask"].bool()
-        hidden = output.float().masked_fill(~mask.unsqueeze(-1), 0.0)
-        return masked_mean(hidden, mask)
+        return zeroed_mean(output, batch["attention_mask"])
 
     # -- description ----------------------------------------------------------------------
     @property

@@ -36,7 +36,6 @@ module that LoRA can wrap. Every projection is a real module call on the forward
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pickle
 from pathlib import Path
@@ -51,7 +50,9 @@ from torch import nn
 
 from .._errors import CheckpointError, InputError, ScdmError
 from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, masked_max, masked_mean
+from ._base import Adapter, CellChunk, GeneOverlap, masked_max, masked_mean, sha256_file
+from ._checkpoint import require_keys, shape_mismatches
+from ._layers import encoder_layers
 
 _CKPT_NAME = "models.ckpt"
 _GENE_INDEX_NAME = "OS_scRNA_gene_index.19264.tsv"
@@ -98,55 +99,16 @@ class _AutoDiscretizationEmbedding(nn.Module):
         return x
 
 
-class _SelfAttention(nn.Module):
-    """Multi-head self-attention with the layout of ``nn.MultiheadAttention`` (packed q/k/v
-    projection ``in_proj``, then ``out_proj``), computed with scaled-dot-product attention."""
+class _TransformerEncoder(nn.Module):
+    """``pytorchTransformerModule``: a stack of post-norm layers (``nn.TransformerEncoderLayer``
+    with ``batch_first=True``, ReLU, ``dim_feedforward = 4*dim``, dropout 0.1) and a final LayerNorm."""
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, depth: int, heads: int) -> None:
         super().__init__()
         if dim % heads:
             raise CheckpointError(f"encoder hidden_dim {dim} is not divisible by heads {heads}",
                                   "use the official scFoundation checkpoint")
-        self.heads = heads
-        self.dropout = dropout
-        self.in_proj = nn.Linear(dim, 3 * dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, L, D); ``key_mask`` (B, L) bool, True on keys that may be attended."""
-        b, n, d = x.shape
-        q, k, v = self.in_proj(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class _EncoderLayer(nn.Module):
-    """Post-norm transformer layer (``nn.TransformerEncoderLayer`` with ``batch_first=True``,
-    ``norm_first=False``, ReLU, ``dim_feedforward = 4*dim``, dropout 0.1)."""
-
-    def __init__(self, dim: int, heads: int, ff_mult: int = 4, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.self_attn = _SelfAttention(dim, heads, dropout)
-        self.linear1 = nn.Linear(dim, dim * ff_mult)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim * ff_mult, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, key_mask)))
-        return self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-
-
-class _TransformerEncoder(nn.Module):
-    """``pytorchTransformerModule``: a stack of layers and a final LayerNorm."""
-
-    def __init__(self, dim: int, depth: int, heads: int) -> None:
-        super().__init__()
-        self.transformer_encoder = nn.ModuleList(_EncoderLayer(dim, heads) for _ in range(depth))
+        self.transformer_encoder = encoder_layers(depth, dim, heads, 4 * dim, 0.1)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -192,10 +154,6 @@ def _flatten_config(entry: dict[str, Any]) -> dict[str, Any]:
                               "use the official scFoundation models.ckpt") from err
     cfg.setdefault("model", model_type)
     return cfg
-
-
-def _sha256(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _parse_tgthighres(spec: str) -> tuple[str, float]:
@@ -337,14 +295,10 @@ class ScFoundationAdapter(Adapter):
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unknown = sorted(k for k in set(state) - set(expected) if not k.startswith(_DECODER_PREFIXES))
-        if missing or unknown:
-            raise CheckpointError(
-                f"{str(path)!r} entry {self._key!r} does not match the scFoundation encoder: "
-                f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
-                f"unknown {unknown[:8]}{' ...' if len(unknown) > 8 else ''}",
-                f"use the official scFoundation {_CKPT_NAME}")
-        bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-               if tuple(state[k].shape) != tuple(v.shape)]
+        require_keys(missing, unknown, unknown_word="unknown",
+                     what=f"{str(path)!r} entry {self._key!r} does not match the scFoundation encoder",
+                     fix=f"use the official scFoundation {_CKPT_NAME}")
+        bad = shape_mismatches(expected, state)
         if bad:
             raise CheckpointError(f"{str(path)!r}: tensor shapes do not match the config: {bad[:5]}",
                                   f"use the official scFoundation {_CKPT_NAME}")
@@ -479,7 +433,7 @@ class ScFoundationAdapter(Adapter):
         return {
             "checkpoint_entry": self._key,
             "gene_index": gi.name if gi is not None else _GENE_INDEX_NAME,
-            "gene_index_sha256": _sha256(gi) if gi is not None else None,
+            "gene_index_sha256": "sha256:" + sha256_file(gi) if gi is not None else None,
             "gene_matching": "exact symbol, first duplicate; missing genes = 0",
             "total_count": "sum over the aligned 19,264 genes",
             "pre_normalized": self._pre_normalized,

@@ -25,8 +25,8 @@ Deviations from the original, both for reproducibility and batch invariance:
   binning draws) and kept in dataset order. scGPT has no positional encoding, so the order
   of the genes does not change the embedding (beyond float round-off).
 
-The attention block is written out (``self_attn.Wqkv`` -> ``F.scaled_dot_product_attention``
--> ``self_attn.out_proj``) so every projection is a real ``nn.Linear`` call that LoRA can
+The attention block (shared :mod:`._layers`, here with scGPT's ``self_attn.Wqkv`` name) is
+written out (``Wqkv`` -> ``F.scaled_dot_product_attention`` -> ``self_attn.out_proj``) so every projection is a real ``nn.Linear`` call that LoRA can
 wrap; no flash-attn and no torchtext are needed.
 """
 
@@ -46,6 +46,7 @@ from torch import nn
 from .._errors import CheckpointError, ScdmError
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap, cell_seed, first_token
+from ._layers import Encoder
 
 _FILES = ("best_model.pt", "vocab.json", "args.json")
 _SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -89,60 +90,6 @@ class _ContinuousValueEncoder(nn.Module):
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         x = values.unsqueeze(-1).clamp(max=self.max_value)
         return self.dropout(self.norm(self.linear2(self.activation(self.linear1(x)))))
-
-
-class _SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused ``Wqkv`` projection and ``out_proj`` (SDPA)."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"embsize {d_model} is not divisible by nheads {n_heads}")
-        self.n_heads = n_heads
-        self.dropout = dropout
-        self.Wqkv = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, L, D); ``keep`` (B, L) bool, True on real tokens (keys that may be attended)."""
-        b, n, d = x.shape
-        qkv = self.Wqkv(x).view(b, n, 3, self.n_heads, d // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
-        mask = None if keep is None else keep[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class _EncoderLayer(nn.Module):
-    """Post-norm transformer layer (``nn.TransformerEncoderLayer`` defaults: ReLU, eps 1e-5)."""
-
-    def __init__(self, d_model: int, n_heads: int, d_hid: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = _SelfAttention(d_model, n_heads, dropout)
-        self.linear1 = nn.Linear(d_model, d_hid)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_hid, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, keep)))
-        ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        return self.norm2(x + self.dropout2(ff))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, n_layers: int, d_model: int, n_heads: int, d_hid: int, dropout: float) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(_EncoderLayer(d_model, n_heads, d_hid, dropout) for _ in range(n_layers))
-
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, keep)
-        return x
 
 
 class _ExprDecoder(nn.Module):
@@ -209,7 +156,7 @@ class ScGPTModel(nn.Module):
         self.d_model = d_model
         self.encoder = _GeneEncoder(n_tokens, d_model, pad_id)
         self.value_encoder = _ContinuousValueEncoder(d_model, dropout)
-        self.transformer_encoder = _Encoder(n_layers, d_model, n_heads, d_hid, dropout)
+        self.transformer_encoder = Encoder(n_layers, d_model, n_heads, d_hid, dropout, qkv_name="Wqkv")
         if "decoder" in heads:
             self.decoder = _ExprDecoder(d_model, **heads["decoder"])
         if "cls_decoder" in heads:

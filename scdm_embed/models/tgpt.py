@@ -31,8 +31,16 @@ import torch
 
 from .._errors import CheckpointError
 from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, hash_path, masked_mean
-from ._sentences import check_loading_info, hf_offline, quiet_hf, ranked_columns, wrap_sequences
+from ._base import Adapter, CellChunk, GeneOverlap, hash_path
+from ._sentences import (
+    check_loading_info,
+    hf_offline,
+    load_hf_weights,
+    ranked_columns,
+    read_hf_config,
+    wrap_sequences,
+    zeroed_mean,
+)
 
 _SYMBOL_SUB = r"[-.]"  #: characters the tGPT LineDataset replaces with "_"
 _WORD = re.compile(r"\w+")  #: what survives the tokenizer's Whitespace pre-tokenizer as one token
@@ -105,19 +113,12 @@ class TGPTAdapter(Adapter):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         fix = f"pass --checkpoint DIR holding {self.checkpoint_layout}"
-        try:
-            config = GPT2Config.from_pretrained(str(self.checkpoint), local_files_only=True)
-        except Exception as err:
-            raise CheckpointError(f"cannot read {self.checkpoint}/config.json: {err}", fix) from err
+        config = read_hf_config(GPT2Config, self.checkpoint, fix=fix)
         if config.model_type != "gpt2":
             raise CheckpointError(f"tGPT checkpoint {str(self.checkpoint)!r} is a {config.model_type!r} model, not GPT-2", fix)
         tokenizer = self._load_tokenizer()
-        try:
-            with quiet_hf():
-                lm, info = GPT2LMHeadModel.from_pretrained(str(self.checkpoint), config=config, dtype=dtype,
-                                                           output_loading_info=True, local_files_only=True)
-        except Exception as err:
-            raise CheckpointError(f"cannot load the tGPT weights in {str(self.checkpoint)!r}: {err}", fix) from err
+        lm, info = load_hf_weights(GPT2LMHeadModel, self.checkpoint, what="the tGPT weights", fix=fix,
+                                   config=config, dtype=dtype)
         check_loading_info(info, self.checkpoint, fix="re-download the checkpoint: its weights do not match config.json")
 
         vocab: dict[str, int] = tokenizer.get_vocab()
@@ -183,8 +184,7 @@ class TGPTAdapter(Adapter):
         length = mask.sum(1, keepdim=True)
         pos = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
         genes = mask & (pos >= 1) & (pos < length - 1)
-        hidden = output.float().masked_fill(~genes.unsqueeze(-1), 0.0)
-        return masked_mean(hidden, genes)
+        return zeroed_mean(output, genes)
 
     # -- description ----------------------------------------------------------------------
     @property

@@ -37,6 +37,7 @@ from torch import nn
 from .._errors import CheckpointError, InputError
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap, cell_seed
+from ._layers import Encoder
 
 #: species -> protein-embedding file (``get_species_to_pe`` of the original)
 _SPECIES_FILES: dict[str, str] = {
@@ -78,59 +79,6 @@ class _PositionalEncoding(nn.Module):
         return self.dropout(x + self.pe[: x.shape[1], 0].unsqueeze(0))
 
 
-class _SelfAttention(nn.Module):
-    """Multi-head self-attention with real ``in_proj``/``out_proj`` Linear calls (LoRA-able).
-
-    The checkpoint's ``self_attn.in_proj_weight``/``in_proj_bias`` map onto ``in_proj``.
-    """
-
-    def __init__(self, d_model: int, nhead: int, dropout: float) -> None:
-        super().__init__()
-        self.nhead = nhead
-        self.dropout = dropout
-        self.in_proj = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """``x`` (B, L, D); ``key_mask`` (B, L) bool, True on real tokens (None = all real)."""
-        b, n, d = x.shape
-        q, k, v = self.in_proj(x).view(b, n, 3, self.nhead, d // self.nhead).permute(2, 0, 3, 1, 4)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class _EncoderLayer(nn.Module):
-    """``nn.TransformerEncoderLayer`` (post-norm, ReLU, eps 1e-5) with the same module names."""
-
-    def __init__(self, d_model: int, nhead: int, d_hid: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = _SelfAttention(d_model, nhead, dropout)
-        self.linear1 = nn.Linear(d_model, d_hid)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_hid, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, key_mask)))
-        return self.norm2(x + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, d_model: int, nhead: int, d_hid: int, nlayers: int, dropout: float) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(_EncoderLayer(d_model, nhead, d_hid, dropout) for _ in range(nlayers))
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, key_mask)
-        return x
-
-
 def _full_block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, n_out), nn.LayerNorm(n_out), nn.GELU(), nn.Dropout(dropout))
 
@@ -154,7 +102,7 @@ class UCEModel(nn.Module):
         self.d_model = d_model
         self.pos_encoder = _PositionalEncoding(d_model, max_len, dropout)
         self.encoder = nn.Sequential(nn.Linear(token_dim, d_model), nn.GELU(), nn.LayerNorm(d_model))
-        self.transformer_encoder = _Encoder(d_model, nhead, d_hid, nlayers, dropout)
+        self.transformer_encoder = Encoder(nlayers, d_model, nhead, d_hid, dropout)
         self.decoder = nn.Sequential(_full_block(d_model, 1024, dropout), _full_block(1024, output_dim, dropout),
                                      _full_block(output_dim, output_dim, dropout), nn.Linear(output_dim, output_dim))
         self.binary_decoder = nn.Sequential(_full_block(output_dim + d_model, 2048, dropout),

@@ -11,6 +11,7 @@ stand-in 19,379-gene axis (scGPT vocabulary symbols).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -23,7 +24,6 @@ from scdm_embed._batching import collate, embed_matrix
 from scdm_embed._errors import CheckpointError
 from scdm_embed._genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
 from scdm_embed.models.celllm import CellLMAdapter
 
 from ._performer_ckpt import (
@@ -33,8 +33,8 @@ from ._performer_ckpt import (
     scgpt_symbols,
     write_celllm_checkpoint,
 )
+from ._shared import CPU, load_adapter, make_chunk, read_cells
 
-CPU = torch.device("cpu")
 N_CELLS = 8
 
 
@@ -50,8 +50,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, model_genes: list[str]) -> Pa
 
 @pytest.fixture(scope="module")
 def cells(fixtures_dir: Path) -> ad.AnnData:
-    a = ad.read_h5ad(fixtures_dir / "tgpt" / "cells.h5ad")
-    return a[np.r_[0:N_CELLS // 2, 32:32 + N_CELLS // 2]].copy()
+    return read_cells(fixtures_dir / "tgpt" / "cells.h5ad", rows=np.r_[0:N_CELLS // 2, 32:32 + N_CELLS // 2])
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +58,7 @@ def genes(cells: ad.AnnData) -> GeneTable:
     return GeneTable.from_var(cells.var)
 
 
-def _adapter(ckpt: Path, genes: GeneTable | None = None, **opts: object) -> CellLMAdapter:
-    a = get_adapter("celllm")(ckpt, **opts)
-    a.load(device=CPU, dtype=torch.float32)
-    if genes is not None:
-        a.prepare(genes)
-    return a
+_adapter = partial(load_adapter, "celllm")  # (ckpt, genes=None, **options)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +71,7 @@ def embeddings(adapter: CellLMAdapter, cells: ad.AnnData, genes: GeneTable) -> n
     return embed_matrix(adapter, cells.X, genes, cells.obs_names, batch_size=N_CELLS)
 
 
-def _chunk(X: sp.spmatrix, genes: GeneTable) -> CellChunk:
-    X = sp.csr_matrix(X, dtype=np.float32)
-    return CellChunk(X=X, cell_ids=np.array([f"c{i}" for i in range(X.shape[0])], dtype=object), genes=genes)
+_chunk = make_chunk  # (X, genes): float32 CSR, ids c0, c1, ...
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:

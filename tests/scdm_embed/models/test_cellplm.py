@@ -16,10 +16,10 @@ from scdm_embed._batching import embed_cells, embed_matrix
 from scdm_embed._errors import CheckpointError, ScdmError
 from scdm_embed._genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
 from scdm_embed.models.cellplm import CellPLMAdapter
 
-CPU = torch.device("cpu")
+from ._shared import exact_genes, load_adapter, make_chunk, read_cells
+
 PREFIX = "20230926_85M_randinit_small"
 #: The GMVAE cluster that the ORIGINAL code's hard Gumbel-softmax draw picked for each of the 64
 #: fixture cells when ``reference_embeddings.npy`` was made. The original samples ``y`` with
@@ -40,23 +40,17 @@ def fx(fixtures_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cells(fx: Path) -> ad.AnnData:
-    a = ad.read_h5ad(fx / "cells.h5ad")
-    a.X = a.X.astype(np.float32)
-    return a
+    return read_cells(fx / "cells.h5ad", float32=True)
 
 
 @pytest.fixture(scope="module")
 def genes(cells: ad.AnnData) -> GeneTable:
     """The fixture's gene ids exactly: ``var.ensembl_id`` as stored ("" stays unmatched)."""
-    return GeneTable(symbols=cells.var_names.to_numpy().astype(object),
-                     ensembl=cells.var["ensembl_id"].astype(str).to_numpy().astype(object))
+    return exact_genes(cells)
 
 
 def _loaded(fx: Path, genes: GeneTable, **options) -> CellPLMAdapter:
-    a = CellPLMAdapter(fx / "checkpoint", **options)
-    a.load(device=CPU, dtype=torch.float32)
-    a.prepare(genes)
-    return a
+    return load_adapter(CellPLMAdapter, fx / "checkpoint", genes, **options)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +59,7 @@ def adapter(fx: Path, genes: GeneTable) -> CellPLMAdapter:
 
 
 def _tokens(adapter: CellPLMAdapter, cells: ad.AnnData, genes: GeneTable, rows=slice(None)):
-    chunk = CellChunk(X=cells.X[rows].tocsr(), cell_ids=cells.obs_names.to_numpy()[rows], genes=genes)
-    return adapter.tokenize(chunk)
+    return adapter.tokenize(make_chunk(cells.X[rows], genes, cells.obs_names.to_numpy()[rows]))
 
 
 def _embed(adapter, cells, genes, rows=slice(None), *, batch_size=64) -> np.ndarray:
@@ -207,9 +200,7 @@ def _write(tmp_path: Path, fx: Path, sd: dict[str, torch.Tensor] | None) -> Path
 
 
 def _load(path: Path) -> CellPLMAdapter:
-    a = CellPLMAdapter(path)
-    a.load(device=CPU, dtype=torch.float32)
-    return a
+    return load_adapter(CellPLMAdapter, path)
 
 
 def test_decoder_keys_are_optional(tmp_path, fx, state):

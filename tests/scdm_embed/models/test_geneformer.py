@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -19,10 +20,9 @@ from scdm_embed._batching import collate, embed_matrix
 from scdm_embed._errors import CheckpointError, ScdmError
 from scdm_embed._genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
 from scdm_embed.models.geneformer import GeneformerAdapter
 
-CPU = torch.device("cpu")
+from ._shared import CPU, exact_genes, load_adapter, make_chunk, read_cells
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -45,29 +45,17 @@ def gc95m_dir(vocab_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cells(fx: Path) -> ad.AnnData:
-    a = ad.read_h5ad(fx / "cells.h5ad")
-    a.X = sp.csr_matrix(a.X, dtype=np.float32)
-    return a
+    return read_cells(fx / "cells.h5ad", float32=True)
 
 
 @pytest.fixture(scope="module")
 def genes(cells: ad.AnnData) -> GeneTable:
     """The genes exactly as the original tokenizer saw them: ``var.ensembl_id`` only."""
-    return GeneTable(symbols=np.asarray(cells.var_names, dtype=object),
-                     ensembl=np.asarray(cells.var["ensembl_id"].astype(str), dtype=object))
+    return exact_genes(cells)
 
 
-def _load(path: Path, genes: GeneTable | None = None, **options) -> GeneformerAdapter:
-    a = GeneformerAdapter(path, **options)
-    a.load(device=CPU, dtype=torch.float32)
-    if genes is not None:
-        a.prepare(genes)
-    return a
-
-
-def _chunk(X: sp.csr_matrix, genes: GeneTable) -> CellChunk:
-    return CellChunk(X=sp.csr_matrix(X, dtype=np.float32), cell_ids=np.array([f"c{i}" for i in range(X.shape[0])]),
-                     genes=genes)
+_load = partial(load_adapter, GeneformerAdapter)  # (path, genes=None, **options)
+_chunk = make_chunk  # (X, genes): float32 CSR, ids c0, c1, ...
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -23,20 +24,17 @@ from scdm_embed.models._base import CellChunk
 from scdm_embed.models._sentences import ranked_genes
 from scdm_embed.models.lm import LanguageModelAdapter, minilm_checkpoint
 
-CPU = torch.device("cpu")
+from ._shared import CPU, exact_genes, load_adapter, read_cells
 
 
 @pytest.fixture(scope="module")
 def cells(fixtures_dir: Path) -> ad.AnnData:
-    a = ad.read_h5ad(fixtures_dir / "tgpt" / "cells.h5ad")
-    a.X = sp.csr_matrix(a.X, dtype=np.float32)
-    return a
+    return read_cells(fixtures_dir / "tgpt" / "cells.h5ad", float32=True)
 
 
 @pytest.fixture(scope="module")
 def genes(cells: ad.AnnData) -> GeneTable:
-    return GeneTable(symbols=np.asarray(cells.var_names, dtype=object),
-                     ensembl=np.asarray(cells.var["ensembl_id"], dtype=object))
+    return exact_genes(cells)
 
 
 def _keep_top(X: sp.csr_matrix, sizes: list[int]) -> sp.csr_matrix:
@@ -59,11 +57,7 @@ def varied_long(cells: ad.AnnData) -> sp.csr_matrix:
     return _keep_top(cells.X, [1 + i for i in range(cells.n_obs)])
 
 
-def _load(checkpoint, genes: GeneTable, dtype=torch.float32, **options) -> LanguageModelAdapter:
-    a = LanguageModelAdapter(checkpoint, **options)
-    a.load(device=CPU, dtype=dtype)
-    a.prepare(genes)
-    return a
+_load = partial(load_adapter, LanguageModelAdapter)  # (checkpoint, genes, *, dtype=float32, **options)
 
 
 def _sentence(X: sp.csr_matrix, i: int, symbols: np.ndarray, n: int) -> str:

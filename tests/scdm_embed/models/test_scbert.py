@@ -10,6 +10,7 @@ stand-in 16,906-gene axis (the first 16,906 symbols of the scGPT vocabulary).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -22,7 +23,6 @@ from scdm_embed._batching import collate, embed_matrix
 from scdm_embed._errors import CheckpointError, ScdmError
 from scdm_embed._genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
 from scdm_embed.models._performer import read_gene_list
 from scdm_embed.models.scbert import ScBERTAdapter
 
@@ -34,8 +34,8 @@ from ._performer_ckpt import (
     scgpt_symbols,
     write_scbert_checkpoint,
 )
+from ._shared import CPU, load_adapter, make_chunk, read_cells
 
-CPU = torch.device("cpu")
 N_CELLS = 8  # every cell is 16,907 tokens long: keep the count small
 
 
@@ -51,8 +51,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, model_genes: list[str]) -> Pa
 
 @pytest.fixture(scope="module")
 def cells(fixtures_dir: Path) -> ad.AnnData:
-    a = ad.read_h5ad(fixtures_dir / "tgpt" / "cells.h5ad")
-    return a[np.r_[0:N_CELLS // 2, 32:32 + N_CELLS // 2]].copy()  # sensitive + resistant
+    return read_cells(fixtures_dir / "tgpt" / "cells.h5ad", rows=np.r_[0:N_CELLS // 2, 32:32 + N_CELLS // 2])  # sensitive + resistant
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +59,7 @@ def genes(cells: ad.AnnData) -> GeneTable:
     return GeneTable.from_var(cells.var)
 
 
-def _adapter(ckpt: Path, genes: GeneTable | None = None, **opts: object) -> ScBERTAdapter:
-    a = get_adapter("scbert")(ckpt, **opts)
-    a.load(device=CPU, dtype=torch.float32)
-    if genes is not None:
-        a.prepare(genes)
-    return a
+_adapter = partial(load_adapter, "scbert")  # (ckpt, genes=None, **options)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +72,7 @@ def embeddings(adapter: ScBERTAdapter, cells: ad.AnnData, genes: GeneTable) -> n
     return embed_matrix(adapter, cells.X, genes, cells.obs_names, batch_size=N_CELLS)
 
 
-def _chunk(X: sp.spmatrix, genes: GeneTable) -> CellChunk:
-    X = sp.csr_matrix(X, dtype=np.float32)
-    return CellChunk(X=X, cell_ids=np.array([f"c{i}" for i in range(X.shape[0])], dtype=object), genes=genes)
+_chunk = make_chunk  # (X, genes): float32 CSR, ids c0, c1, ...
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:

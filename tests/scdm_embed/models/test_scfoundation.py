@@ -15,10 +15,9 @@ from scdm_embed._batching import collate, embed_matrix
 from scdm_embed._errors import CheckpointError, InputError
 from scdm_embed._genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
 from scdm_embed.models.scfoundation import ScFoundationAdapter
 
-CPU = torch.device("cpu")
+from ._shared import CPU, load_adapter, make_chunk, read_cells
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +32,7 @@ def gene_index(vocab_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cells(fx: Path) -> ad.AnnData:
-    return ad.read_h5ad(fx / "cells.h5ad")
+    return read_cells(fx / "cells.h5ad")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +43,7 @@ def genes(cells: ad.AnnData) -> GeneTable:
 def _adapter(ckpt: Path, gene_index: Path | None, genes: GeneTable | None = None, **opts) -> ScFoundationAdapter:
     if gene_index is not None:
         opts["gene_index"] = gene_index
-    a = get_adapter("scfoundation")(ckpt, **opts)
-    a.load(device=CPU, dtype=torch.float32)
-    if genes is not None:
-        a.prepare(genes)
-    return a
+    return load_adapter("scfoundation", ckpt, genes, **opts)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +58,7 @@ def embeddings(adapter: ScFoundationAdapter, cells: ad.AnnData, genes: GeneTable
 
 
 def _tokenize(a: ScFoundationAdapter, X, genes: GeneTable, ids) -> list[dict[str, np.ndarray]]:
-    chunk = CellChunk(X=sp.csr_matrix(X, dtype=np.float32), cell_ids=np.asarray(ids, dtype=object), genes=genes)
-    return a.tokenize(chunk)
+    return a.tokenize(make_chunk(X, genes, ids))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -19,7 +20,7 @@ from scdm_embed.models import get_adapter
 from scdm_embed.models._base import CellChunk
 from scdm_embed.models.scgpt import ScGPTAdapter
 
-CPU = torch.device("cpu")
+from ._shared import load_adapter, read_cells, reference
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def fx(fixtures_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cells(fx: Path) -> ad.AnnData:
-    return ad.read_h5ad(fx / "cells.h5ad")
+    return read_cells(fx / "cells.h5ad")
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +40,10 @@ def genes(cells: ad.AnnData) -> GeneTable:
 
 @pytest.fixture(scope="module")
 def ref(fx: Path) -> dict[str, np.ndarray]:
-    z = np.load(fx / "reference_inputs.npz")
-    out = {k: z[k] for k in z.files}
-    out["embeddings"] = np.load(fx / "reference_embeddings.npy")
-    return out
+    return reference(fx)
 
 
-def _load(checkpoint: Path, genes: GeneTable | None = None, **options) -> ScGPTAdapter:
-    a = ScGPTAdapter(checkpoint, **options)
-    a.load(device=CPU, dtype=torch.float32)
-    if genes is not None:
-        a.prepare(genes)
-    return a
+_load = partial(load_adapter, ScGPTAdapter)  # (checkpoint, genes=None, **options)
 
 
 @pytest.fixture(scope="module")

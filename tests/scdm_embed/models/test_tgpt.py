@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -22,7 +23,7 @@ from scdm_embed.models._base import CellChunk
 from scdm_embed.models._sentences import ranked_columns, ranked_genes, wrap_sequences
 from scdm_embed.models.tgpt import TGPTAdapter
 
-CPU = torch.device("cpu")
+from ._shared import exact_genes, load_adapter, read_cells
 
 
 @pytest.fixture(scope="module")
@@ -32,23 +33,15 @@ def fx(fixtures_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cells(fx: Path) -> ad.AnnData:
-    a = ad.read_h5ad(fx / "cells.h5ad")
-    a.X = sp.csr_matrix(a.X, dtype=np.float32)
-    return a
+    return read_cells(fx / "cells.h5ad", float32=True)
 
 
 @pytest.fixture(scope="module")
 def genes(cells: ad.AnnData) -> GeneTable:
-    return GeneTable(symbols=np.asarray(cells.var_names, dtype=object),
-                     ensembl=np.asarray(cells.var["ensembl_id"], dtype=object))
+    return exact_genes(cells)
 
 
-def _load(path: Path, genes: GeneTable | None = None, **options) -> TGPTAdapter:
-    a = TGPTAdapter(path, **options)
-    a.load(device=CPU, dtype=torch.float32)
-    if genes is not None:
-        a.prepare(genes)
-    return a
+_load = partial(load_adapter, TGPTAdapter)  # (path, genes=None, **options)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -21,7 +22,7 @@ from scdm_embed.models import get_adapter
 from scdm_embed.models._base import CellChunk
 from scdm_embed.models.uce import UCEAdapter
 
-CPU = torch.device("cpu")
+from ._shared import CPU, load_adapter, make_chunk, read_cells
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def uce_dir(fixtures_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cells(uce_dir: Path) -> ad.AnnData:
-    return ad.read_h5ad(uce_dir / "cells.h5ad")
+    return read_cells(uce_dir / "cells.h5ad")
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +40,7 @@ def genes(cells: ad.AnnData) -> GeneTable:
     return GeneTable.from_var(cells.var)
 
 
-def _adapter(ckpt: Path, genes: GeneTable | None = None, **options: object) -> UCEAdapter:
-    a = get_adapter("uce")(ckpt, **options)
-    a.load(device=CPU, dtype=torch.float32)
-    if genes is not None:
-        a.prepare(genes)
-    return a
+_adapter = partial(load_adapter, "uce")  # (ckpt, genes=None, **options)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +71,7 @@ def vocab(uce_dir: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def _tokenize(a: UCEAdapter, X: sp.csr_matrix, ids: np.ndarray, genes: GeneTable) -> list[np.ndarray]:
-    chunk = CellChunk(X=sp.csr_matrix(X, dtype=np.float32), cell_ids=np.asarray(ids, dtype=object), genes=genes)
-    return [c["input_ids"] for c in a.tokenize(chunk)]
+    return [c["input_ids"] for c in a.tokenize(make_chunk(X, genes, ids))]
 
 
 def _groups(sent: np.ndarray) -> list[tuple[int, np.ndarray]]:
