@@ -6,7 +6,7 @@ STORE  ?= store/demo.zarr
 OUT    ?= results/demo
 JOBS   ?= 2
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo demo-all test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+demo-all: install  ## every model (fixture / official-layout checkpoints) on the real PC9 cells, one results table
+	OMP_NUM_THREADS=2 $(BIN)/python bench/extract_all.py
 
 lint: install
 	$(BIN)/ruff check scdm_embed scdm_eval tests bench

@@ -59,6 +59,7 @@ class GeneformerAdapter(Adapter):
     """Geneformer V1/V2: rank value encoding -> BERT -> mean of one layer over gene tokens."""
 
     name: ClassVar[str] = "geneformer"
+    lora_targets: ClassVar[tuple[str, ...]] = ("query", "value")
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ("Geneformer (BERT on rank-value-encoded Ensembl genes; V1 gc30M / V2 gc95M), "
                                   "mean of the last layer over gene tokens")

@@ -52,6 +52,7 @@ class TGPTAdapter(Adapter):
     """tGPT (GPT-2 over the top-expressed gene symbols); mean of the last layer over genes."""
 
     name: ClassVar[str] = "tgpt"
+    lora_targets: ClassVar[tuple[str, ...]] = ("c_attn",)
     version: ClassVar[str] = "1"
     description: ClassVar[str] = "tGPT: GPT-2 on the top-62 ranked gene symbols; mean of last hidden state over gene tokens"
     checkpoint_layout: ClassVar[str | None] = (

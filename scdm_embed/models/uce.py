@@ -182,6 +182,7 @@ class UCEAdapter(Adapter):
     """
 
     name: ClassVar[str] = "uce"
+    lora_targets: ClassVar[tuple[str, ...]] = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
     version: ClassVar[str] = "1"
     description: ClassVar[str] = "UCE (Universal Cell Embeddings): CLS output, L2-normalised"
     checkpoint_layout: ClassVar[str | None] = _LAYOUT
