@@ -299,7 +299,7 @@ class EmbeddingStore:
         return sorted(g.group_keys()) if g is not None else []
 
     def put_splits(self, name: str, table: pd.DataFrame, **attrs: Any) -> None:
-        """Save a split table (one row per cell x partition) atomically."""
+        """Save a split table (see store/README.md) atomically."""
         _check_name(name, "split")
         final = self.path / "splits" / name
         tmp = f".tmp-{name}-{uuid.uuid4().hex[:8]}"
