@@ -15,7 +15,11 @@ import torch
 from scdm_embed import ScdmError
 from scdm_embed._batching import collate
 from scdm_embed.lora import apply_lora, lora_modules, lora_targets
-from tests.scdm_embed.models._performer_ckpt import scgpt_symbols, write_celllm_checkpoint, write_scbert_checkpoint
+from tests.scdm_embed.models._performer_ckpt import (
+    scgpt_symbols,
+    write_celllm_checkpoint,
+    write_scbert_checkpoint,
+)
 from tests.scdm_embed.models._shared import load_adapter, make_chunk, read_cells
 
 MODELS = ("geneformer", "tgpt", "lm", "scgpt", "scfoundation", "uce", "cellplm", "scbert", "celllm")
