@@ -159,6 +159,7 @@ def _chunk_len(c: int, chunk_size: int, n: int) -> int:
 def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneOverlap, dev: torch.device,
                 tdt: torch.dtype, chunk_size: int) -> dict[str, Any]:
     return {
+        "options": {k: v if isinstance(v, (bool, int, float)) or v is None else str(v) for k, v in adapter.options.items()},
         "model_version": adapter.version,
         "checkpoint": str(adapter.checkpoint) if adapter.checkpoint else None,
         "checkpoint_hash": adapter.checkpoint_hash(),
@@ -166,6 +167,7 @@ def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneO
         "input_hash": data.content_hash,
         "input_path": str(data.path),
         "layer": data.layer,
+        "gene_key": data.gene_key,
         "scdm_version": __version__,
         "torch_version": torch.__version__,
         "device": str(dev),

@@ -72,6 +72,7 @@ class InputDataset:
     content_hash: str
     is_integer: bool
     layer: str | None = None
+    gene_key: str | None = None
     _x: object = field(default=None, repr=False)
     _handle: object = field(default=None, repr=False)
 
@@ -194,7 +195,7 @@ def read_input(
             handle.close()
         raise
     return InputDataset(path=path, cells=cells, genes=genes, var_names=np.asarray(ids.astype(str)), content_hash=h.hexdigest(),
-                        is_integer=is_integer, layer=layer, _x=x, _handle=handle)
+                        is_integer=is_integer, layer=layer, gene_key=gene_key, _x=x, _handle=handle)
 
 
 def _check_unique(index: pd.Index, what: str, fix: str) -> None:

@@ -102,6 +102,62 @@ def run(
     console.print(f"{len(res)} fits; split {res.attrs['split']}; wrote {out}/results.parquet, results.csv, summary.md, summary.png")
 
 
+def _lora_inputs(items: list[str] | None):
+    """``--input PATH`` -> the path; ``--input DATASET=PATH`` (repeatable) -> a mapping."""
+    from scdm_embed._errors import ScdmError
+
+    if not items:
+        return None
+    named = [i.split("=", 1) for i in items if "=" in i and not Path(i).exists()]
+    if not named:
+        if len(items) > 1:
+            raise ScdmError(f"{len(items)} --input paths given without dataset names", "write them as --input DATASET=PATH")
+        return Path(items[0])
+    if len(named) != len(items):
+        raise ScdmError("--input mixes PATH and DATASET=PATH forms", "name every input as --input DATASET=PATH")
+    return {k.strip(): Path(v) for k, v in named}
+
+
+@app.command()
+@friendly_errors
+def lora(
+    model: Annotated[str, typer.Option("--model", "-m", help="Foundation model to fine-tune (as extracted into the store).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for lora_results.parquet/.csv and lora_summary.md.")],
+    store: Store = Path("store/scdm.zarr"),
+    checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: the one recorded at extraction).")] = None,
+    input: Annotated[list[str] | None, typer.Option("--input", help="Raw input when it moved: PATH, or DATASET=PATH (repeatable).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="Model option KEY=VALUE (repeatable; default: from the extraction).")] = None,
+    scheme: SchemeOpt = Scheme.pooled,
+    by: ByOpt = By.all,
+    folds: FoldsOpt = 10,
+    group_key: GroupOpt = None,
+    seed: SeedOpt = 0,
+    epochs: Annotated[int, typer.Option(help="Training epochs per partition.")] = 3,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (LoRA + head).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Cells per batch (CellPLM: the cells' shared context).")] = 16,
+    max_partitions: Annotated[int | None, typer.Option(help="Only the first N partitions (quick runs).")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cuda, cuda:N or cpu.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """LoRA-fine-tune a foundation model + linear head on every partition of the saved splits (GPU stage)."""
+    from scdm_embed._cli_common import parse_options
+
+    from ._lora import run_lora
+    from ._report import rich_table, summarize
+
+    opts = parse_options(option) if option else None
+    with _show_warnings():
+        res = run_lora(store, model=model, checkpoint=checkpoint, input=_lora_inputs(input), model_options=opts,
+                       scheme=scheme.value, by=by.value, folds=folds, group_key=group_key, seed=seed, epochs=epochs,
+                       lr=lr, batch_size=batch_size, max_partitions=max_partitions, device=device, out=out,
+                       progress=not quiet)
+    console.print(rich_table(summarize(res)))
+    info = res.attrs.get("lora", {})
+    combined = " and combined_summary.md" if (out / "combined_summary.md").exists() else ""
+    console.print(f"{len(res)} of {info.get('partitions_total', len(res))} partitions fine-tuned on {info.get('device')}; "
+                  f"split {res.attrs['split']}; wrote {out}/lora_results.parquet, lora_results.csv, lora_summary.md{combined}")
+
+
 @splits_app.command("make")
 @friendly_errors
 def splits_make(

@@ -1,0 +1,209 @@
+"""The LoRA stage: tGPT (tiny fixture checkpoint) fine-tuned on 60 real PC9 cells under the saved splits.
+
+Checks: one row per partition in the results schema, the very partitions ``scdm-eval run`` uses,
+only LoRA + head weights train (and they move), seeded reruns are identical, moved / foreign
+inputs, refusals, the CLI, and one summary table with the frozen-embedding classifiers.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import scdm_embed as se
+from scdm_embed import ScdmError, StoreError
+from scdm_embed.lora import apply_lora, lora_modules
+from scdm_eval import (
+    METRICS,
+    RESULT_COLUMNS,
+    load_splits,
+    make_splits,
+    run_evaluation,
+    run_lora,
+    summarize,
+)
+from scdm_eval._lora import _fit_partition, _prepare_context
+from scdm_eval.cli import app
+
+pytestmark = [pytest.mark.filterwarnings("ignore::scdm_eval.LeakageWarning"),
+              pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning")]
+
+DS = "pc9_60"
+QUICK = {"folds": 3, "epochs": 2, "batch_size": 16, "device": "cpu"}
+
+
+def _subset(pc9_path, path, start):
+    a = ad.read_h5ad(pc9_path)
+    r = a.obs["response"].to_numpy()
+    idx = np.concatenate([np.flatnonzero(r == "sensitive")[start:start + 30],
+                          np.flatnonzero(r == "resistant")[start:start + 30]])
+    a[idx].copy().write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tgpt_ckpt(fixtures_dir):
+    return fixtures_dir / "tgpt" / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def cells_h5ad(tmp_path_factory, pc9_path):
+    return _subset(pc9_path, tmp_path_factory.mktemp("lora") / f"{DS}.h5ad", 0)
+
+
+@pytest.fixture(scope="module")
+def lora_store(tmp_path_factory, cells_h5ad, tgpt_ckpt):
+    """60 real PC9 cells (30 sensitive, 30 resistant) embedded with the tiny tGPT fixture."""
+    path = tmp_path_factory.mktemp("lora_store") / "s.zarr"
+    se.extract(cells_h5ad, model="tgpt", checkpoint=tgpt_ckpt, store=path, device="cpu", progress=False)
+    return path
+
+
+@pytest.fixture
+def store_copy(lora_store, tmp_path):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(lora_store, path)
+    return path
+
+
+def test_rows_follow_the_saved_splits(lora_store):
+    res = run_lora(lora_store, model="tgpt", **QUICK)
+    assert list(res.columns) == list(RESULT_COLUMNS)
+    assert len(res) == 3 and set(res["classifier"]) == {"lora"} and set(res["model"]) == {"tgpt"}
+    for m in ("f1", "auroc", "auprc", "accuracy", "recall"):
+        assert np.isfinite(res[m]).all() and res[m].between(0, 1).all(), m
+    assert res["precision"].notna().all() or res["reason"].str.contains("precision").any()
+    # the very partitions `scdm-eval run` uses with the same parameters
+    splits = load_splits(lora_store, folds=3, seed=0)
+    assert splits is not None and res.attrs["split"] == splits.name and set(res["split"]) == {splits.name}
+    parts = list(splits)
+    assert [p.name for p in parts] == res["partition"].tolist()
+    for p, row in zip(parts, res.itertuples(), strict=True):
+        assert row.n_test == len(p.test) and row.n_train == len(p.train)
+        test_cells = splits.table.index[p.test]
+        assert all(c.startswith(f"{DS}/") for c in test_cells)
+        assert row.test_sensitive == int(splits.table["label"].to_numpy()[p.test].sum())
+    assert sorted(np.concatenate([p.test for p in parts]).tolist()) == list(range(60))
+    info = res.attrs["lora"]
+    assert info["r"] == 8 and info["alpha"] == 8 and info["dropout"] == 0.05 and info["settings_diff"] == {}
+    assert all(len(f["train_loss"]) == 2 and all(map(math.isfinite, f["train_loss"])) for f in info["fits"])
+
+
+def test_only_lora_and_head_weights_train(lora_store, tgpt_ckpt):
+    from scdm_embed._store import EmbeddingStore
+
+    st = EmbeddingStore(lora_store)
+    splits = make_splits(st, folds=3, seed=0)
+    ctx = _prepare_context(st, splits.table.index, model="tgpt", checkpoint=None, input=None, model_options=None,
+                           device=torch.device("cpu"))
+    assert ctx.checkpoint == tgpt_ckpt and len(ctx.tokens) == 60
+    base = {k: v.clone() for k, v in ctx.base.state_dict().items()}
+    part = next(iter(splits))
+    y = splits.table["label"].to_numpy().astype(np.int64)
+    # the initial LoRA weights: same seed, same injection order as _fit_partition
+    torch.manual_seed(7)
+    ctx.adapter.model = copy.deepcopy(ctx.base)
+    init = {k: v.detach().clone() for k, v in apply_lora(ctx.adapter).named_parameters() if "lora_" in k}
+    fit = _fit_partition(ctx, y, part.train, part.test, seed=7, epochs=2, lr=1e-3, batch_size=16)
+
+    assert fit.proba.shape == (len(part.test),) and np.all((fit.proba >= 0) & (fit.proba <= 1))
+    assert lora_modules(fit.net), "no module was wrapped"
+    trained = dict(fit.net.named_parameters())
+    lora = {k: p for k, p in trained.items() if "lora_" in k}
+    assert lora and all(p.requires_grad for p in lora.values())
+    for name, p in trained.items():  # every base weight is untouched
+        if "lora_" in name:
+            continue
+        assert not p.requires_grad, name
+        assert torch.equal(p.detach(), base[name.replace(".base_layer", "")]), name
+    for name, p in lora.items():  # ... and every LoRA weight moved (lora_B starts at zero)
+        assert not torch.equal(p.detach(), init[name]), name
+        if "lora_B" in name:
+            assert p.abs().sum() > 0, name
+    assert all(p.requires_grad for p in fit.head.parameters())
+    assert all(torch.equal(v, base[k]) for k, v in ctx.base.state_dict().items()), "the template changed"
+
+
+def test_same_seed_same_rows(lora_store):
+    a = run_lora(lora_store, model="tgpt", max_partitions=1, **{**QUICK, "epochs": 1})
+    b = run_lora(lora_store, model="tgpt", max_partitions=1, **{**QUICK, "epochs": 1})
+    assert len(a) == 1 and a.attrs["lora"]["partitions_total"] == 3
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_moved_and_foreign_inputs(store_copy, cells_h5ad, pc9_path, tmp_path):
+    from scdm_embed._store import EmbeddingStore
+
+    st = EmbeddingStore(store_copy, mode="a")
+    st.root["datasets"][DS].attrs["source"] = str(tmp_path / "gone" / f"{DS}.h5ad")
+    with pytest.raises(ScdmError, match="no longer at") as e:
+        run_lora(store_copy, model="tgpt", **QUICK)
+    assert "input=" in e.value.fix
+    moved = tmp_path / "moved.h5ad"
+    shutil.copy(cells_h5ad, moved)
+    for given in (moved, {DS: moved}):
+        res = run_lora(store_copy, model="tgpt", input=given, max_partitions=1, **{**QUICK, "epochs": 1})
+        assert len(res) == 1 and res["auroc"].notna().all()
+    other = _subset(pc9_path, tmp_path / "other.h5ad", 30)  # 60 other cells
+    with pytest.raises(ScdmError, match="is not the input dataset 'pc9_60' was extracted from") as e:
+        run_lora(store_copy, model="tgpt", input=other, **QUICK)
+    assert "original file" in e.value.fix
+    with pytest.raises(ScdmError, match="not in the store"):
+        run_lora(store_copy, model="tgpt", input={"nope": moved}, **QUICK)
+
+
+def test_refusals(store_copy, tgpt_ckpt):
+    with pytest.raises(ScdmError, match="no neural network") as e:
+        run_lora(store_copy, model="pca", **QUICK)
+    assert "scdm-eval run" in e.value.fix
+    with pytest.raises(ScdmError, match="epochs must be"):
+        run_lora(store_copy, model="tgpt", **{**QUICK, "epochs": 0})
+    from scdm_embed._store import EmbeddingStore
+
+    EmbeddingStore(store_copy, mode="a").delete_embedding("tgpt", DS)
+    with pytest.raises(StoreError, match="records no tgpt extraction") as e:
+        run_lora(store_copy, model="tgpt", **QUICK)
+    assert "--checkpoint" in e.value.fix
+    res = run_lora(store_copy, model="tgpt", checkpoint=tgpt_ckpt, max_partitions=1, **{**QUICK, "epochs": 1})
+    assert len(res) == 1
+
+
+def test_one_summary_with_the_frozen_classifiers(lora_store):
+    frozen = run_evaluation(lora_store, models=["tgpt"], classifiers=("logreg",), folds=3, n_jobs=1)
+    tuned = run_lora(lora_store, model="tgpt", **QUICK)
+    assert set(frozen["split"]) == set(tuned["split"])
+    both = pd.concat([frozen, tuned], ignore_index=True)
+    s = summarize(both)
+    assert set(s["classifier"]) == {"logreg", "lora"} and set(s["model"]) == {"tgpt"}
+    assert (s["n_folds"] == 3).all() and (s["n_cells"] == 60).all()
+    assert all(s[f"{m}_mean"].notna().all() for m in METRICS if m != "precision")
+
+
+runner = CliRunner()
+
+
+def test_cli(lora_store, tmp_path):
+    out = tmp_path / "res"
+    r = runner.invoke(app, ["run", "--store", str(lora_store), "-c", "logreg", "--folds", "3", "--n-jobs", "1",
+                            "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["lora", "--store", str(lora_store), "--model", "tgpt", "--folds", "3", "--epochs", "1",
+                            "--device", "cpu", "--option", "max_len=64", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and "lora" in r.output and "AUROC" in r.output
+    for f in ("lora_results.csv", "lora_results.parquet", "lora_summary.md", "combined_summary.md"):
+        assert (out / f).exists(), f
+    assert len(pd.read_csv(out / "lora_results.csv")) == 3
+    combined = (out / "combined_summary.md").read_text()
+    assert "logreg" in combined and "lora" in combined
+    r = runner.invoke(app, ["lora", "--store", str(lora_store), "--model", "pca", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "error:" in r.output and "fix:" in r.output and "no neural network" in r.output
+    assert "Traceback" not in r.output
