@@ -132,6 +132,7 @@ class EmbeddingStore:
         if final.exists():
             shutil.rmtree(final)
         os.replace(self.path / "datasets" / tmp_name, final)
+        self.__dict__.pop("_cells_cache", None)
 
     def cells(self, datasets: Sequence[str] | None = None) -> pd.DataFrame:
         """Cell tables of ``datasets`` (default all), concatenated.
@@ -139,19 +140,25 @@ class EmbeddingStore:
         Index: ``"<dataset>/<cell_id>"``; columns ``dataset``, ``row`` (position in its dataset),
         ``label`` (1 sensitive, 0 resistant), ``response`` and the metadata roles present.
         """
-        parts = []
-        for ds in datasets if datasets is not None else self.datasets():
-            g = self._group("datasets", ds)
-            if g is None:
-                raise StoreError(f"dataset {ds!r} is not in the store (has: {self.datasets()})", "check the dataset name")
+        parts = [self._cell_table(ds) for ds in (datasets if datasets is not None else self.datasets())]
+        if not parts:
+            return pd.DataFrame(columns=["dataset", "row", "label", "response"])
+        return pd.concat(parts)
+
+    def _cell_table(self, ds: str) -> pd.DataFrame:
+        """One dataset's cell table, cached per handle by the dataset's input hash."""
+        g = self._group("datasets", ds)
+        if g is None:
+            raise StoreError(f"dataset {ds!r} is not in the store (has: {self.datasets()})", "check the dataset name")
+        key = (ds, g.attrs.get("input_hash"))
+        cache = self.__dict__.setdefault("_cells_cache", {})
+        if key not in cache:
             df = ad.io.read_elem(g["cells"])
             df.insert(0, "row", np.arange(len(df)))
             df.insert(0, "dataset", ds)
             df.index = pd.Index([f"{ds}/{c}" for c in df.index], name="cell")
-            parts.append(df)
-        if not parts:
-            return pd.DataFrame(columns=["dataset", "row", "label", "response"])
-        return pd.concat(parts)
+            cache[key] = df
+        return cache[key].copy()
 
     # -- embeddings -----------------------------------------------------------------------
     def embedding_group(self, model: str, dataset: str):
@@ -265,7 +272,9 @@ class EmbeddingStore:
             if X is None:
                 X = np.empty((len(table), x.shape[1]), dtype=np.float32)
             where = np.flatnonzero(ds_col == ds)
-            if len(where):
+            if len(where) and where[-1] - where[0] + 1 == len(where):  # contiguous in the output
+                X[where[0]:where[-1] + 1] = _read_rows(x, row_col[where])
+            elif len(where):
                 X[where] = _read_rows(x, row_col[where])
         if X is None:
             X = np.empty((len(table), 0), np.float32)
