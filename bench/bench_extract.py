@@ -2,7 +2,8 @@
 
 On real PC9 cells with the reference-fixture checkpoints (small random models in the official
 layouts, so absolute cells/s are far above the real models'; the RATIOS are what this shows):
-- bucketed: the engine's default, cells sorted by token count inside a chunk, masks, batch B;
+- bucketed: the engine's default, cells sorted by token count inside a chunk, masks, at most
+            B cells and the device's default token budget (4,096 padded tokens on CPU) per batch;
 - padded:   the same batches in file order, every batch padded to the model's maximum length
             (scDrugMap / scGPT-style collation);
 - per-cell: one cell per forward (scFoundation's get_embedding loop).
@@ -24,7 +25,7 @@ from _common import PC9, table  # noqa: E402
 from models import FIXTURE_MODELS  # noqa: E402
 
 from scdm_embed import get_adapter, read_input  # noqa: E402
-from scdm_embed._batching import embed_cells  # noqa: E402
+from scdm_embed._batching import default_token_budget, embed_cells  # noqa: E402
 from scdm_embed.models import CellChunk  # noqa: E402
 
 N_CELLS = 256
@@ -70,7 +71,7 @@ def main() -> None:
         for label, M in sets.items():
             cells = a.tokenize(CellChunk(X=M, cell_ids=ids[: M.shape[0]], genes=data.genes))
             lens = np.array([len(c[a.sequence_keys[0]]) for c in cells])
-            bucketed = _rate(a, cells, batch_size=BATCH)
+            bucketed = _rate(a, cells, batch_size=BATCH, token_budget=default_token_budget(a.device))
             padded = _rate(a, cells, batch_size=BATCH, bucket=False, pad_to=ORIGINAL[name][1] or int(lens.max()))
             per_cell = _rate(a, cells, batch_size=1)
             rows.append((name, label, f"{lens.mean():.0f} [{lens.min()}-{lens.max()}]", f"{bucketed:.0f}", f"{padded:.0f}",
@@ -103,7 +104,8 @@ def _scbert(data, ids, X):
         a.load(device=a.device, dtype=a.dtype)
         a.prepare(data.genes)
         cells = a.tokenize(CellChunk(X=X, cell_ids=ids, genes=data.genes))
-        batched, per_cell = _rate(a, cells, batch_size=8), _rate(a, cells, batch_size=1)
+        batched = _rate(a, cells, batch_size=8, token_budget=default_token_budget(a.device))
+        per_cell = _rate(a, cells, batch_size=1)
     return ("scbert (dim 16)", f"{batched:.1f}", ORIGINAL["scbert"][0], f"{per_cell:.1f}", f"{batched / per_cell:.2f}x")
 
 if __name__ == "__main__":

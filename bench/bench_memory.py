@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PC9, table  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, sys.argv[4])
 from models import FIXTURE_MODELS
 from scdm_embed import extract
@@ -30,7 +30,9 @@ ckpt, opts = FIXTURE_MODELS.get(name, (None, {}))
 if name == "geneformer":
     opts = {**opts, "max_length": 256}
 r = extract(sys.argv[1], model=name, store=sys.argv[2], checkpoint=ckpt, model_options=opts, progress=False)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cells_per_s": r.cells_per_s}))
+# VmHWM is this address space's peak; ru_maxrss would carry the parent's peak across exec
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"peak_rss_mb": hwm / 1024, "cells_per_s": r.cells_per_s}))
 """
 
 

@@ -162,6 +162,15 @@ def embed_matrix(
     return np.concatenate(parts) if parts else np.empty((0, adapter.dim), np.float32)
 
 
+#: padded tokens per batch when the user sets none: attention scores grow with batch x length^2,
+#: and on CPU large long-sequence batches are memory-bound (bench/bench_extract.py)
+DEFAULT_TOKEN_BUDGET = {"cpu": 4096, "cuda": 65536}
+
+
+def default_token_budget(device: torch.device) -> int:
+    return DEFAULT_TOKEN_BUDGET.get(device.type, DEFAULT_TOKEN_BUDGET["cuda"])
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu."""
     if device == "auto":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ._batching import embed_cells, resolve_device, resolve_dtype
+from ._batching import default_token_budget, embed_cells, resolve_device, resolve_dtype
 from ._errors import InputError, StaleCacheError
 from ._input import InputDataset, LabelSpec, read_input
 from ._store import DEFAULT_STORE, EmbeddingStore
@@ -52,7 +52,12 @@ class ExtractionResult:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process (Linux VmHWM: not inherited across exec, unlike ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def extract(
@@ -80,7 +85,8 @@ def extract(
 ) -> ExtractionResult:
     """Compute ``model``'s embeddings of every cell of ``input`` into ``store`` (once).
 
-    Everything that can be wrong with the input, checkpoint or store is checked before the
+    ``token_budget`` caps padded tokens per batch (default: 4,096 on CPU, 65,536 on CUDA;
+    0 = no cap). Everything that can be wrong with the input, checkpoint or store is checked before the
     store is touched. An interrupted run resumes at the first unfinished chunk when re-run
     with the same arguments. A store holding embeddings of another input or checkpoint is
     refused unless ``overwrite``.
@@ -115,6 +121,7 @@ def extract(
             "check the gene identifiers (symbols vs Ensembl ids, species; --gene-key), or lower --min-overlap")
 
     bs = batch_size or adapter.default_batch_size
+    token_budget = default_token_budget(dev) if token_budget is None else (token_budget or None)
     provenance = _provenance(adapter, model, data, overlap, dev, tdt, chunk_size)
     if not adapter.batch_invariant:
         # cells attend to each other: the batch (capped by the chunk) is part of what an embedding means

@@ -45,7 +45,7 @@ def extract(
     gene_key: Annotated[str | None, typer.Option(help="var column with gene ids [default: var_names]; symbols or Ensembl ids.")] = None,
     layer: Annotated[str | None, typer.Option(help="Read counts from this layer instead of X.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Cells per forward pass [default: the model's].")] = None,
-    token_budget: Annotated[int | None, typer.Option(help="Max padded tokens per batch (length-bucketed batches).")] = None,
+    token_budget: Annotated[int | None, typer.Option(help="Max padded tokens per batch (length-bucketed batches) [default: 4096 on CPU, 65536 on CUDA; 0 = no cap].")] = None,
     chunk_size: Annotated[int, typer.Option(help="Cells per stored chunk (the unit of resume).")] = 1024,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto | float32 | bfloat16 | float16.")] = "auto",
