@@ -20,7 +20,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ._batching import default_token_budget, embed_cells, resolve_device, resolve_dtype
-from ._errors import InputError, StaleCacheError
+from ._errors import InputError, ScdmError, StaleCacheError
 from ._input import InputDataset, LabelSpec, read_input
 from ._store import DEFAULT_STORE, EmbeddingStore
 from ._version import __version__
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: refuse a dataset when neither the share of its genes the model uses nor the share of the
 #: model's vocabulary it holds reaches this (wrong identifiers or species)
 DEFAULT_MIN_OVERLAP = 0.25
+#: dtypes an embedding array may be stored in
+STORE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ def extract(
     with the same arguments. A store holding embeddings of another input or checkpoint is
     refused unless ``overwrite``.
     """
+    if store_dtype not in STORE_DTYPES:
+        raise ScdmError(f"unknown store dtype {store_dtype!r}", f"use one of: {', '.join(STORE_DTYPES)}")
     adapter = get_adapter(model)(checkpoint, **dict(model_options or {}))
     data = input if isinstance(input, InputDataset) else read_input(
         input, labels=labels, meta_keys=meta_keys, gene_key=gene_key, layer=layer, require_counts=adapter.needs_counts)

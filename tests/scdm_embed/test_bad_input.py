@@ -73,7 +73,8 @@ def _variant(base, kind, tmp_path):
     extra = {"missing_meta": ["--sample-key", "patient_id"], "missing_layer": ["--layer", "counts"],
              "both_classes": ["--sensitive", "sensitive", "--resistant", "sensitive"],
              "unknown_model": [], "no_checkpoint": [], "bad_dtype": ["--dtype", "float8"],
-             "bad_option": ["--option", "n_top_genes"]}.get(kind, [])
+             "bad_option": ["--option", "n_top_genes"], "bad_store_dtype": ["--store-dtype", "float8"],
+             "no_gpu": ["--device", "cuda"]}.get(kind, [])
     return _write(tmp_path, a), extra
 
 
@@ -98,11 +99,15 @@ CASES = {
     "no_checkpoint": ("needs a checkpoint directory", "geneformer"),
     "bad_dtype": ("unknown dtype", "pca"),
     "bad_option": ("not KEY=VALUE", "pca"),
+    "bad_store_dtype": ("unknown store dtype", "pca"),
+    "no_gpu": ("no CUDA GPU is visible", "pca"),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_bad_input_is_refused_cleanly(kind, base, populated_store, tmp_path):
+    if kind == "no_gpu" and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda is valid here")
     words, model = CASES[kind]
     path, extra = _variant(base, kind, tmp_path)
     before = store_snapshot(populated_store)
