@@ -130,6 +130,11 @@ def extract(
     if not adapter.batch_invariant:
         # cells attend to each other: the batch (capped by the chunk) is part of what an embedding means
         provenance["cell_context"] = min(bs, chunk_size)
+    will_write = [store_path, store_path / "datasets" / name, store_path / "embeddings" / model,
+                  store_path / "embeddings" / model / name]
+    if new_reference is not None:
+        will_write.append(store_path / "references" / adapter.reference_name)
+    fresh_paths = [p for p in will_write if not p.exists()]
     status, todo, st = _plan(st_ro, store_path, name, model, adapter, provenance, overwrite, store_dtype, data)
     if new_reference is not None and st is not None:
         st.put_reference(adapter.reference_name, new_reference[0], **new_reference[1])
@@ -140,19 +145,26 @@ def extract(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     done_cells = 0
-    with Progress(TextColumn(f"[bold]{model}[/] · {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
-                  TimeRemainingColumn(), disable=not progress, transient=False) as bar:
-        task = bar.add_task("embed", total=data.n_cells, completed=data.n_cells - sum(_chunk_len(c, chunk_size, data.n_cells) for c in todo))
-        for c in todo:
-            s = c * chunk_size
-            X = data.read_rows(s, min(s + chunk_size, data.n_cells))
-            chunk = CellChunk(X=X, cell_ids=data.cells.index.to_numpy()[s:s + X.shape[0]], genes=data.genes, start=s)
-            emb = embed_cells(adapter, adapter.tokenize(chunk), batch_size=bs, token_budget=token_budget,
-                              on_batch=lambda k: bar.advance(task, k))
-            if not np.all(np.isfinite(emb)):
-                raise RuntimeError(f"{model} produced non-finite embeddings in chunk {c} (rows {s}..{s + X.shape[0] - 1})")
-            st.write_chunk(model, name, c, emb)
-            done_cells += X.shape[0]
+    try:
+        with Progress(TextColumn(f"[bold]{model}[/] · {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                      TimeRemainingColumn(), disable=not progress, transient=False) as bar:
+            task = bar.add_task("embed", total=data.n_cells, completed=data.n_cells - sum(_chunk_len(c, chunk_size, data.n_cells) for c in todo))
+            for c in todo:
+                s = c * chunk_size
+                X = data.read_rows(s, min(s + chunk_size, data.n_cells))
+                chunk = CellChunk(X=X, cell_ids=data.cells.index.to_numpy()[s:s + X.shape[0]], genes=data.genes, start=s)
+                emb = embed_cells(adapter, adapter.tokenize(chunk), batch_size=bs, token_budget=token_budget,
+                                  on_batch=lambda k: bar.advance(task, k))
+                if not np.all(np.isfinite(emb)):
+                    raise RuntimeError(f"{model} produced non-finite embeddings in chunk {c} (rows {s}..{s + X.shape[0] - 1})")
+                st.write_chunk(model, name, c, emb)
+                done_cells += X.shape[0]
+    except ScdmError:
+        # bad input discovered while tokenizing: undo what this run created (resumed runs keep
+        # their earlier chunks); interruptions and crashes keep their progress for a resume
+        if status == "written":
+            _remove_created(fresh_paths)
+        raise
     seconds = time.perf_counter() - t0
     telemetry = {"seconds": round(seconds, 3), "cells_per_s": round(done_cells / max(seconds, 1e-9), 2),
                  "peak_rss_mb": round(_peak_rss_mb(), 1), "batch_size": bs, "token_budget": token_budget}
@@ -161,6 +173,15 @@ def extract(
     st.finish_embedding(model, name, telemetry=telemetry)
     return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, len(todo), seconds,
                             telemetry["cells_per_s"], overlap.to_dict())
+
+
+def _remove_created(paths: list[Path]) -> None:
+    """Delete the store paths a failed run created (the whole store if it created it)."""
+    import shutil
+
+    for p in sorted(paths, key=lambda q: len(q.parts)):
+        if p.exists():
+            shutil.rmtree(p)
 
 
 def _chunk_len(c: int, chunk_size: int, n: int) -> int:

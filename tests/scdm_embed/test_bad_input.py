@@ -138,3 +138,32 @@ def test_new_store_not_created_on_bad_input(base, tmp_path):
     r = runner.invoke(app, ["extract", str(path), "--model", "pca", "--store", str(store), "-q"])
     assert r.exit_code == 2
     assert not store.exists()
+
+
+def test_bad_input_found_mid_extraction_is_rolled_back(pc9_small, populated_store, tmp_path):
+    """An adapter that only discovers bad input while tokenizing chunk 2 (as scFoundation does for
+    a cell without counts on its genes) leaves an existing store byte-identical and creates none."""
+    from scdm_embed import InputError, extract
+    from scdm_embed.models import _EXTRA, register_adapter
+    from scdm_embed.models._reference import PCAAdapter
+
+    class PickyPCA(PCAAdapter):
+        name = "picky"
+
+        def tokenize(self, chunk):
+            if chunk.start >= 48:
+                raise InputError(f"cell {chunk.cell_ids[0]} has no counts on the model's genes", "filter such cells first")
+            return super().tokenize(chunk)
+
+    register_adapter("picky", PickyPCA)
+    try:
+        before = store_snapshot(populated_store)
+        with pytest.raises(InputError, match="no counts"):
+            extract(pc9_small, model="picky", store=populated_store, dataset="other", chunk_size=24, progress=False)
+        assert store_snapshot(populated_store) == before
+        fresh = tmp_path / "new.zarr"
+        with pytest.raises(InputError):
+            extract(pc9_small, model="picky", store=fresh, chunk_size=24, progress=False)
+        assert not fresh.exists()
+    finally:
+        _EXTRA.pop("picky", None)
