@@ -154,9 +154,12 @@ class Adapter(ABC):
 
     # -- description ----------------------------------------------------------------------
     @property
-    @abstractmethod
     def dim(self) -> int:
-        """Embedding width (valid after :meth:`load`)."""
+        """Embedding width (valid after :meth:`load`); by default ``self._dim`` set by ``load``."""
+        d = getattr(self, "_dim", None)
+        if d is None:
+            raise RuntimeError(f"{self.name}: call load() first")
+        return int(d)
 
     def settings(self) -> dict[str, Any]:
         """Tokenizer/preprocessing/pooling settings recorded as provenance (JSON-able)."""

@@ -187,12 +187,6 @@ class LanguageModelAdapter(Adapter):
         return zeroed_mean(output, batch["attention_mask"])
 
     # -- description ----------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        if self._dim is None:
-            raise RuntimeError("call load() first")
-        return self._dim
-
     def settings(self) -> dict[str, Any]:
         tok = getattr(self, "tokenizer", None)
         cfg = getattr(self, "config", None)

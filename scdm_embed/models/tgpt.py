@@ -188,12 +188,6 @@ class TGPTAdapter(Adapter):
         return zeroed_mean(output, genes)
 
     # -- description ----------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        if self._dim is None:
-            raise RuntimeError("call load() first")
-        return self._dim
-
     def settings(self) -> dict[str, Any]:
         return {
             "max_len": getattr(self, "_max_len", self.options.get("max_len")),
