@@ -101,6 +101,20 @@ def extract(
     if adapter.needs_counts and not data.is_integer:
         raise InputError(f"model {model!r} needs raw integer counts but {data.path.name} holds non-integer values",
                          "use the raw counts layer (--layer) or adata.raw")
+    try:
+        return _extract(data, adapter, model=model, store=store, dataset=dataset, batch_size=batch_size,
+                        token_budget=token_budget, chunk_size=chunk_size, device=device, dtype=dtype,
+                        store_dtype=store_dtype, min_overlap=min_overlap, reference=reference, overwrite=overwrite,
+                        progress=progress)
+    finally:
+        if data is not input:  # we opened it
+            data.close()
+
+
+def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | Path, dataset: str | None,
+             batch_size: int | None, token_budget: int | None, chunk_size: int, device: str, dtype: str,
+             store_dtype: str, min_overlap: float, reference: str | Path | None, overwrite: bool,
+             progress: bool) -> ExtractionResult:
     name = dataset or data.path.stem
     store_path = Path(store)
     st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
@@ -149,10 +163,11 @@ def extract(
         with Progress(TextColumn(f"[bold]{model}[/] · {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
                       TimeRemainingColumn(), disable=not progress, transient=False) as bar:
             task = bar.add_task("embed", total=data.n_cells, completed=data.n_cells - sum(_chunk_len(c, chunk_size, data.n_cells) for c in todo))
+            cell_ids = data.cells.index.to_numpy()
             for c in todo:
                 s = c * chunk_size
                 X = data.read_rows(s, min(s + chunk_size, data.n_cells))
-                chunk = CellChunk(X=X, cell_ids=data.cells.index.to_numpy()[s:s + X.shape[0]], genes=data.genes, start=s)
+                chunk = CellChunk(X=X, cell_ids=cell_ids[s:s + X.shape[0]], genes=data.genes, start=s)
                 emb = embed_cells(adapter, adapter.tokenize(chunk), batch_size=bs, token_budget=token_budget,
                                   on_batch=lambda k: bar.advance(task, k))
                 if not np.all(np.isfinite(emb)):
@@ -250,7 +265,11 @@ def _attach_reference(adapter: FittedAdapter, st_ro: EmbeddingStore | None, data
     if reference is not None:
         ref_data = reference if isinstance(reference, InputDataset) else read_input(
             reference, require_labels=False, require_counts=adapter.needs_counts)
-        fitted = adapter.fit_reference(ref_data)
+        try:
+            fitted = adapter.fit_reference(ref_data)
+        finally:
+            if ref_data is not reference:
+                ref_data.close()
         if held is not None and held[1].get("fit_hash") != fitted[1].get("fit_hash") and not overwrite:
             raise StaleCacheError(f"the store's {adapter.reference_name} reference was fitted on {held[1].get('fitted_on')!r}",
                                   "omit --reference to reuse it, or pass --overwrite to refit (this makes existing arrays stale)")
