@@ -139,3 +139,16 @@ def test_load_keeps_the_order_of_interleaved_cells(tmp_path, pc9_small):
     Xs, cs = st.load("pca", cells=pick)
     assert list(cs.index) == pick
     np.testing.assert_array_equal(Xs, X[[130, 5, 200, 6]])
+
+
+def test_named_reference_is_used_and_a_different_one_refused(tmp_path, pc9_small):
+    a = ad.read_h5ad(pc9_small)
+    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")
+    a[120:].copy().write_h5ad(tmp_path / "b.h5ad")
+    path = tmp_path / "s.zarr"
+    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", reference=pc9_small, progress=False)
+    _, attrs = EmbeddingStore(path).get_reference("pca")
+    assert attrs["fitted_on"] == str(pc9_small) and attrs["n_cells_used"] == 240
+    with pytest.raises(StaleCacheError, match="reference was fitted on"):
+        extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", reference=tmp_path / "b.h5ad", progress=False)
+    assert "b" not in EmbeddingStore(path).datasets()
