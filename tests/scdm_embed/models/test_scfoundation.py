@@ -225,7 +225,7 @@ def test_gradients_reach_every_projection(fx: Path, gene_index: Path, genes: Gen
 
 
 def test_peft_lora_gradients(fx: Path, gene_index: Path, genes: GeneTable, varied: sp.csr_matrix) -> None:
-    peft = pytest.importorskip("peft")
+    import peft
     a = _adapter(fx / "checkpoint", gene_index, genes)
     model = peft.get_peft_model(a.model, peft.LoraConfig(r=4, target_modules=list(ScFoundationAdapter.lora_targets)))
     a.model = model
