@@ -6,17 +6,32 @@ STORE  ?= store/demo.zarr
 OUT    ?= results/demo
 JOBS   ?= 2
 
-.PHONY: install demo demo-all test bench lint clean
+.PHONY: install lock demo demo-all test bench lint clean
 
 install: $(VENV)/.installed
 
-# torch first, pinned to the CPU build (an unpinned torch pulls several GB of CUDA wheels)
-$(VENV)/.installed: pyproject.toml
+# torch first, pinned to the CPU build (an unpinned torch pulls several GB of CUDA wheels); then every
+# dependency at the version of requirements.lock; then the project itself, without re-resolving
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e ".[test]"
 	touch $@
+
+# refresh requirements.lock from what pyproject.toml resolves to now (a scratch venv, then pip freeze)
+LOCK_VENV ?= /tmp/scdm-lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/pip install -q -e ".[test]"
+	{ echo "# Pinned versions of every dependency of scdm (with the test extras), resolved on Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())')."; \
+	  echo "# Used by 'make install'; refresh with 'make lock' after changing pyproject.toml."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > requirements.lock
+	rm -rf $(LOCK_VENV)
 
 demo: install  ## embed the real PC9 cells (pca, hvg, MiniLM) and score them: pooled 10-fold
 	$(BIN)/scdm-embed extract gse149214_pc9 --dataset pc9 --model pca --store $(STORE)

@@ -7,8 +7,10 @@ progress and the provenance written beside each array.
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,9 +22,19 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ._batching import default_token_budget, embed_cells, resolve_device, resolve_dtype
-from ._errors import InputError, ScdmError, StaleCacheError
+from ._errors import InputError, ScdmError, StaleCacheError, StoreError
 from ._input import InputDataset, LabelSpec, read_input
-from ._store import DEFAULT_STORE, EmbeddingStore
+from ._store import (
+    DEFAULT_STORE,
+    EmbeddingStore,
+    cells_hash,
+    check_name,
+    check_store_path,
+    is_write_failure,
+    store_lock,
+    store_os_error,
+    store_writable,
+)
 from ._version import __version__
 from .models import get_adapter
 from .models._base import Adapter, CellChunk, GeneOverlap
@@ -44,7 +56,7 @@ class ExtractionResult:
     model: str
     dataset: str
     store: Path
-    status: str  #: "written", "resumed" or "up-to-date"
+    status: str  #: "written", "resumed", "metadata-updated" (cell table rewritten, embeddings kept) or "up-to-date"
     n_cells: int
     dim: int
     chunks_computed: int
@@ -84,6 +96,8 @@ def extract(
     overwrite: bool = False,
     progress: bool = True,
     model_options: Mapping[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    allow_single_class: bool = False,
 ) -> ExtractionResult:
     """Compute ``model``'s embeddings of every cell of ``input`` into ``store`` (once).
 
@@ -91,13 +105,25 @@ def extract(
     0 = no cap). Everything that can be wrong with the input, checkpoint or store is checked before the
     store is touched. An interrupted run resumes at the first unfinished chunk when re-run
     with the same arguments. A store holding embeddings of another input or checkpoint is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. Checkpoint pickles are read with a restricted unpickler
+    (torch files with ``weights_only=True``) unless ``trust_checkpoint`` (full unpickling:
+    only for a file known to be the authors'). A dataset whose cells are all one class is
+    refused unless ``allow_single_class`` (it will be pooled with datasets of the other class).
     """
     if store_dtype not in STORE_DTYPES:
         raise ScdmError(f"unknown store dtype {store_dtype!r}", f"use one of: {', '.join(STORE_DTYPES)}")
-    adapter = get_adapter(model)(checkpoint, **dict(model_options or {}))
+    # the store path and dataset name are checked before the (possibly long) input read
+    check_store_path(store)
+    if dataset is not None:
+        check_name(dataset, "dataset")
+    if not Path(store).exists() and not store_writable(store):
+        raise store_os_error(PermissionError(errno.EACCES, "not writable"), store)
+    if trust_checkpoint:
+        log.warning("--trust-checkpoint: the %s checkpoint files are unpickled in full; any code in them runs", model)
+    adapter = get_adapter(model)(checkpoint, trust_checkpoint=trust_checkpoint, **dict(model_options or {}))
     data = input if isinstance(input, InputDataset) else read_input(
-        input, labels=labels, meta_keys=meta_keys, gene_key=gene_key, layer=layer, require_counts=adapter.needs_counts)
+        input, labels=labels, meta_keys=meta_keys, gene_key=gene_key, layer=layer, require_counts=adapter.needs_counts,
+        allow_duplicate_genes=adapter.allows_duplicate_genes, allow_single_class=allow_single_class)
     if adapter.needs_counts and not data.is_integer:
         raise InputError(f"model {model!r} needs raw integer counts but {data.path.name} holds non-integer values",
                          "use the raw counts layer (--layer) or adata.raw")
@@ -116,43 +142,63 @@ def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | P
              store_dtype: str, min_overlap: float, reference: str | Path | None, overwrite: bool,
              progress: bool) -> ExtractionResult:
     name = dataset or data.path.stem
+    check_name(name, "dataset")  # before the name becomes a path
     store_path = Path(store)
+    check_store_path(store_path)
     st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
-    if st_ro is not None and name in st_ro.datasets():
-        held = st_ro.dataset_attrs(name).get("input_hash")
-        if held != data.content_hash and not overwrite:
-            raise StaleCacheError(f"the store holds dataset {name!r} from a different input (hash {held[:12]} != {data.content_hash[:12]})",
-                                  "pass --overwrite to replace it, or --dataset NEW_NAME to keep both")
+    _check_dataset(st_ro, name, data, overwrite)  # early refusal; repeated under the lock
 
     dev = resolve_device(device)
     tdt = resolve_dtype(dtype, adapter, dev)
     adapter.load(device=dev, dtype=tdt)
-    new_reference = None
-    if isinstance(adapter, FittedAdapter):
-        new_reference = _attach_reference(adapter, st_ro, data, reference, overwrite=overwrite)
-    overlap = adapter.prepare(data.genes)
-    if overlap.coverage < min_overlap:
-        raise InputError(
-            f"model {model!r} and dataset {name!r} barely share genes: the model uses {overlap.n_data_used} of the "
-            f"dataset's {overlap.n_data} genes ({overlap.fraction_used:.1%}) and finds {overlap.n_vocab_in_data} of its "
-            f"{overlap.n_vocab} vocabulary genes ({overlap.fraction_vocab:.1%}), both below --min-overlap {min_overlap:.0%}",
-            "check the gene identifiers (symbols vs Ensembl ids, species; --gene-key), or lower --min-overlap")
-
     bs = batch_size or adapter.default_batch_size
     token_budget = default_token_budget(dev) if token_budget is None else (token_budget or None)
-    provenance = _provenance(adapter, model, data, overlap, dev, tdt, chunk_size)
-    if not adapter.batch_invariant:
-        # cells attend to each other: the batch (capped by the chunk) is part of what an embedding means
-        provenance["cell_context"] = min(bs, chunk_size)
-    will_write = [store_path, store_path / "datasets" / name, store_path / "embeddings" / model,
-                  store_path / "embeddings" / model / name]
-    if new_reference is not None:
-        will_write.append(store_path / "references" / adapter.reference_name)
-    fresh_paths = [p for p in will_write if not p.exists()]
-    status, todo, st = _plan(st_ro, store_path, name, model, adapter, provenance, overwrite, store_dtype, data)
-    if new_reference is not None and st is not None:
-        st.put_reference(adapter.reference_name, new_reference[0], **new_reference[1])
-    if status == "up-to-date":
+    # Metadata (fitted reference, cell table, array) is decided and written under the store's lock,
+    # from the store as it is once the lock is held: concurrent extractions into one store share one
+    # reference. Chunk writes below do not take the lock.
+    with store_lock(store_path) as lock:
+        st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
+        _check_dataset(st_ro, name, data, overwrite)
+        new_reference = None
+        if isinstance(adapter, FittedAdapter):
+            new_reference = _attach_reference(adapter, st_ro, data, reference, overwrite=overwrite)
+        overlap = adapter.prepare(data.genes)
+        if overlap.coverage < min_overlap:
+            raise InputError(
+                f"model {model!r} and dataset {name!r} barely share genes: the model uses {overlap.n_data_used} of the "
+                f"dataset's {overlap.n_data} genes ({overlap.fraction_used:.1%}) and finds {overlap.n_vocab_in_data} of its "
+                f"{overlap.n_vocab} vocabulary genes ({overlap.fraction_vocab:.1%}), both below --min-overlap {min_overlap:.0%}",
+                "check the gene identifiers (symbols vs Ensembl ids, species; --gene-key), or lower --min-overlap")
+
+        provenance = _provenance(adapter, model, data, overlap, dev, tdt, chunk_size)
+        if not adapter.batch_invariant:
+            # cells attend to each other: the batch (capped by the chunk) is part of what an embedding means
+            provenance["cell_context"] = min(bs, chunk_size)
+        status, todo, new_cells = _plan(st_ro, name, model, provenance, overwrite, data)
+        if status == "up-to-date":
+            return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"), overlap.to_dict())
+        if not lock.writable:
+            raise StoreError(f"the store {str(store_path)!r} is not writable, and {model}/{name} needs "
+                             f"{'its cell table updated' if status == 'metadata-updated' else 'to be computed'}",
+                             "make the store writable, or point --store at a writable path")
+        ref_name = adapter.reference_name if isinstance(adapter, FittedAdapter) else None
+        created = _created(store_path, st_ro, name, model, ref_name if new_reference is not None else None, status)
+        try:
+            st = EmbeddingStore(store_path, mode="a")
+            if new_reference is not None:
+                st.put_reference(adapter.reference_name, new_reference[0], **new_reference[1])
+            if new_cells:
+                st.put_dataset(name, data.cells, input_hash=data.content_hash, source=str(data.path), n_genes=data.n_genes,
+                               label_convention="label 1 = sensitive (positive class), 0 = resistant")
+            if status == "written":
+                st.create_embedding(model, name, n_cells=data.n_cells, dim=adapter.dim, dtype=store_dtype, **provenance)
+        except BaseException as e:
+            _remove_created(store_path, created, model=model, dataset=name, reference=ref_name)
+            if is_write_failure(e):
+                raise store_os_error(e, store_path) from None
+            raise
+        lock.keep()
+    if status in ("up-to-date", "metadata-updated"):
         return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"), overlap.to_dict())
 
     t0 = time.perf_counter()
@@ -167,36 +213,75 @@ def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | P
             for c in todo:
                 s = c * chunk_size
                 X = data.read_rows(s, min(s + chunk_size, data.n_cells))
-                chunk = CellChunk(X=X, cell_ids=cell_ids[s:s + X.shape[0]], genes=data.genes, start=s)
+                chunk = CellChunk(X=X, cell_ids=cell_ids[s:s + X.shape[0]], genes=data.genes, start=s,
+                                  n_counts=None if data.n_counts is None else data.n_counts[s:s + X.shape[0]])
                 emb = embed_cells(adapter, adapter.tokenize(chunk), batch_size=bs, token_budget=token_budget,
                                   on_batch=lambda k: bar.advance(task, k))
                 if not np.all(np.isfinite(emb)):
                     raise RuntimeError(f"{model} produced non-finite embeddings in chunk {c} (rows {s}..{s + X.shape[0] - 1})")
                 st.write_chunk(model, name, c, emb)
                 done_cells += X.shape[0]
-    except ScdmError:
-        # bad input discovered while tokenizing: undo what this run created (resumed runs keep
-        # their earlier chunks); interruptions and crashes keep their progress for a resume
-        if status == "written":
-            _remove_created(fresh_paths)
+        seconds = time.perf_counter() - t0
+        telemetry = {"seconds": round(seconds, 3), "cells_per_s": round(done_cells / max(seconds, 1e-9), 2),
+                     "peak_rss_mb": round(_peak_rss_mb(), 1), "batch_size": bs, "token_budget": token_budget}
+        if dev.type == "cuda":
+            telemetry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        with store_lock(store_path):
+            st.finish_embedding(model, name, telemetry=telemetry)
+    except BaseException as e:
+        # bad input discovered while tokenizing, or a full / read-only disk: undo what this run
+        # created (resumed runs keep their earlier chunks); interruptions and crashes keep their
+        # progress for a resume
+        full = is_write_failure(e)
+        if isinstance(e, ScdmError) or full:
+            with store_lock(store_path):
+                _remove_created(store_path, created, model=model, dataset=name, reference=ref_name)
+        if full:
+            raise store_os_error(e, store_path) from None
         raise
-    seconds = time.perf_counter() - t0
-    telemetry = {"seconds": round(seconds, 3), "cells_per_s": round(done_cells / max(seconds, 1e-9), 2),
-                 "peak_rss_mb": round(_peak_rss_mb(), 1), "batch_size": bs, "token_budget": token_budget}
-    if dev.type == "cuda":
-        telemetry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
-    st.finish_embedding(model, name, telemetry=telemetry)
     return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, len(todo), seconds,
                             telemetry["cells_per_s"], overlap.to_dict())
 
 
-def _remove_created(paths: list[Path]) -> None:
-    """Delete the store paths a failed run created (the whole store if it created it)."""
-    import shutil
+def _created(store_path: Path, st_ro: EmbeddingStore | None, name: str, model: str, reference: str | None,
+             status: str) -> set[str]:
+    """What the metadata writes about to happen will create (what a failed run rolls back)."""
+    out = set()
+    if st_ro is None:
+        out.add("store")
+    if st_ro is None or name not in st_ro.datasets():
+        out.add("dataset")
+    if status == "written" and not (store_path / "embeddings" / model).exists():
+        out.add("model")
+    if status == "written" and not (store_path / "embeddings" / model / name).exists():
+        out.add("array")
+    if reference is not None and not (store_path / "references" / reference).exists():
+        out.add("reference")
+    return out
 
-    for p in sorted(paths, key=lambda q: len(q.parts)):
-        if p.exists():
-            shutil.rmtree(p)
+
+def _subgroups(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
+
+
+def _remove_created(store_path: Path, created: set[str], *, model: str, dataset: str, reference: str | None) -> None:
+    """Delete what a failed run created (see :func:`_created`); call it holding the store lock.
+
+    Leaves what other runs (possibly concurrent ones) added since: a dataset another model's array
+    uses, a reference another array was projected with, a store that holds anything else.
+    """
+    emb = store_path / "embeddings"
+    if "array" in created:
+        shutil.rmtree(emb / model / dataset, ignore_errors=True)
+    if "dataset" in created and not any((m / dataset).is_dir() for m in _subgroups(emb)):
+        shutil.rmtree(store_path / "datasets" / dataset, ignore_errors=True)
+    model_unused = not _subgroups(emb / model)
+    if "reference" in created and reference is not None and not _subgroups(emb / reference):
+        shutil.rmtree(store_path / "references" / reference, ignore_errors=True)
+    if "model" in created and model_unused:
+        shutil.rmtree(emb / model, ignore_errors=True)
+    if "store" in created and not any(_subgroups(store_path / g) for g in ("datasets", "embeddings", "references", "splits")):
+        shutil.rmtree(store_path, ignore_errors=True)
 
 
 def _chunk_len(c: int, chunk_size: int, n: int) -> int:
@@ -210,6 +295,7 @@ def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneO
         "model_version": adapter.version,
         "checkpoint": str(adapter.checkpoint) if adapter.checkpoint else None,
         "checkpoint_hash": adapter.checkpoint_hash(),
+        "trust_checkpoint": bool(adapter.trust_checkpoint),
         "settings": adapter.settings(),
         "input_hash": data.content_hash,
         "input_path": str(data.path),
@@ -227,9 +313,27 @@ def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneO
 _IDENTITY_KEYS = ("model_version", "checkpoint_hash", "settings", "input_hash", "chunk_rows", "cell_context")
 
 
-def _plan(st_ro, store_path, name, model, adapter, prov, overwrite, store_dtype, data):
-    """Decide: fresh write, resume (which chunks), or nothing to do. Writes only after all checks."""
+def _check_dataset(st_ro: EmbeddingStore | None, name: str, data: InputDataset, overwrite: bool) -> None:
+    """Refuse a dataset name the store holds for another input (unless ``overwrite``)."""
+    if st_ro is not None and name in st_ro.datasets():
+        held = st_ro.dataset_attrs(name).get("input_hash")
+        if held != data.content_hash and not overwrite:
+            raise StaleCacheError(f"the store holds dataset {name!r} from a different input (hash {str(held)[:12]} != {data.content_hash[:12]})",
+                                  "pass --overwrite to replace it, or --dataset NEW_NAME to keep both")
+
+
+def _plan(st_ro: EmbeddingStore | None, name: str, model: str, prov: dict[str, Any], overwrite: bool,
+          data: InputDataset) -> tuple[str, list[int], bool]:
+    """Decide without writing: (status, chunks to compute, whether the cell table must be (re)written).
+
+    status: "written" (fresh or ``overwrite``), "resumed", "metadata-updated" (embeddings current,
+    the cell table changed: labels, study, ...) or "up-to-date".
+    """
+    held_ds = st_ro.dataset_attrs(name) if st_ro is not None and name in st_ro.datasets() else None
+    new_cells = (held_ds is None or held_ds.get("input_hash") != data.content_hash
+                 or held_ds.get("cells_hash") != cells_hash(data.cells))
     g = st_ro.embedding_group(model, name) if st_ro is not None else None
+    n_chunks = -(-data.n_cells // prov["chunk_rows"])
     if g is not None:
         held = dict(g.attrs)
         diff = [k for k in _IDENTITY_KEYS if _norm(held.get(k)) != _norm(prov.get(k))]
@@ -237,19 +341,12 @@ def _plan(st_ro, store_path, name, model, adapter, prov, overwrite, store_dtype,
             raise StaleCacheError(
                 f"the store holds {model}/{name} computed with a different {', '.join(diff)}",
                 "pass --overwrite to recompute it, or --dataset NEW_NAME to keep both")
-        if not diff:
-            done = g["done"][:]
+        if not diff and not overwrite:
+            done = st_ro.done_flags(model, name)
             if held.get("complete") and done.all():
-                return "up-to-date", [], None
-            st = EmbeddingStore(store_path, mode="a")
-            return "resumed", [int(i) for i in np.flatnonzero(~done)], st
-    st = EmbeddingStore(store_path, mode="a")
-    if name not in st.datasets() or st.dataset_attrs(name).get("input_hash") != data.content_hash:
-        st.put_dataset(name, data.cells, input_hash=data.content_hash, source=str(data.path), n_genes=data.n_genes,
-                       label_convention="label 1 = sensitive (positive class), 0 = resistant")
-    st.create_embedding(model, name, n_cells=data.n_cells, dim=adapter.dim, dtype=store_dtype, **prov)
-    n_chunks = -(-data.n_cells // prov["chunk_rows"])
-    return "written", list(range(n_chunks)), st
+                return ("metadata-updated" if new_cells else "up-to-date"), [], new_cells
+            return "resumed", [int(i) for i in np.flatnonzero(~done)], new_cells
+    return "written", list(range(n_chunks)), new_cells
 
 
 def _norm(v: Any) -> Any:
@@ -273,6 +370,9 @@ def _attach_reference(adapter: FittedAdapter, st_ro: EmbeddingStore | None, data
         if held is not None and held[1].get("fit_hash") != fitted[1].get("fit_hash") and not overwrite:
             raise StaleCacheError(f"the store's {adapter.reference_name} reference was fitted on {held[1].get('fitted_on')!r}",
                                   "omit --reference to reuse it, or pass --overwrite to refit (this makes existing arrays stale)")
+        if held is not None and held[1].get("fit_hash") == fitted[1].get("fit_hash"):
+            adapter.set_reference(*held)  # the same fit: keep the stored one as it is
+            return None
         adapter.set_reference(*fitted)
         return fitted
     if held is not None:

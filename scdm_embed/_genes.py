@@ -12,7 +12,7 @@ import functools
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,11 @@ _TABLE_NAME = "datafile_homo_sapiens-GRCh38-ensembl100.pkl.xz"
 def strip_version(ids: np.ndarray | list[str]) -> np.ndarray:
     """``ENSG00000141510.17`` -> ``ENSG00000141510``."""
     return np.array([str(i).split(".")[0] if str(i).startswith("ENS") else str(i) for i in ids], dtype=object)
+
+
+def is_ensembl_id(value: object) -> bool:
+    """Whether ``value`` is one Ensembl gene id (``ENSG00000141510``, version suffix allowed)."""
+    return isinstance(value, str) and bool(_ENSEMBL_RE.match(value))
 
 
 def looks_like_ensembl(ids: np.ndarray | list[str], *, min_fraction: float = 0.5) -> bool:
@@ -112,23 +117,58 @@ def ensembl_to_symbols(ids: np.ndarray | list[str]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class GeneTable:
-    """The genes of a dataset under both naming schemes (``""`` where unmapped)."""
+    """The genes of a dataset under both naming schemes (``""`` where unmapped).
+
+    ``symbols`` and ``ensembl`` are what every adapter sees (``ensembl`` without version
+    suffixes, filled offline from symbols where the input had no id). The optional fields keep
+    what the input really said, for adapters that must reproduce an original tokenizer
+    exactly (Geneformer reads ``var["ensembl_id"]`` as is): they are ``None`` for a table
+    built by hand, which then counts as given ids throughout.
+    """
 
     symbols: np.ndarray
     ensembl: np.ndarray
+    #: the identifiers exactly as the input holds them (``var_names`` or ``var[gene_key]``)
+    given_ids: np.ndarray | None = None
+    #: where ``given_ids`` come from: ``"var_names"`` or the ``gene_key`` column name
+    id_source: str = "var_names"
+    #: ``var["ensembl_id"]`` as stored (as ``str``); ``None`` when ``var`` has no such column
+    var_ensembl_id: np.ndarray | None = None
+    #: True where ``ensembl`` was looked up offline from the symbol (the input gave no id)
+    mapped: np.ndarray | None = None
+    #: the ``var`` column ``ensembl`` was read from (``None``: ``given_ids`` or offline only)
+    ensembl_column: str | None = None
 
     def __len__(self) -> int:
         return len(self.symbols)
+
+    @property
+    def mapped_mask(self) -> np.ndarray:
+        """Bool mask of the genes whose Ensembl id was looked up offline (all False by hand)."""
+        return np.zeros(len(self), dtype=bool) if self.mapped is None else np.asarray(self.mapped, dtype=bool)
+
+    def subset(self, index: np.ndarray | list[int] | slice) -> GeneTable:
+        """The genes at ``index`` (positions or a bool mask), every field kept aligned."""
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else np.asarray(a)[index]
+        return replace(self, symbols=np.asarray(self.symbols)[index], ensembl=np.asarray(self.ensembl)[index],
+                       given_ids=pick(self.given_ids), var_ensembl_id=pick(self.var_ensembl_id),
+                       mapped=pick(self.mapped))
 
     @classmethod
     def from_var(cls, var: pd.DataFrame, *, gene_key: str | None = None) -> GeneTable:
         """Build from ``adata.var``: ids from ``var_names`` or ``var[gene_key]``.
 
         Symbols or Ensembl ids are detected; the other scheme is filled from
-        ``var['ensembl_id']``/``var['gene_symbol']`` when present, else mapped offline.
+        ``var['ensembl_id']``/``var['gene_symbol']`` when present, else mapped offline
+        (``mapped`` marks those). The raw ids and ``var['ensembl_id']`` are kept as given.
         """
         ids = var.index.to_numpy() if gene_key is None else var[gene_key].astype(str).to_numpy()
         ids = np.array([str(i) for i in ids], dtype=object)
+        var_ensembl_id = (np.array([str(i) for i in var["ensembl_id"].astype(str)], dtype=object)
+                          if "ensembl_id" in var else None)
+        mapped = np.zeros(len(ids), dtype=bool)
+        ens_col = None
         if looks_like_ensembl(ids):
             ensembl = strip_version(ids)
             sym_col = next((c for c in ("gene_symbol", "gene_symbols", "feature_name", "gene_name", "symbol") if c in var), None)
@@ -141,6 +181,12 @@ class GeneTable:
                 given = var[ens_col].astype(str).to_numpy()
                 given = np.array([g if g.startswith("ENS") else "" for g in given], dtype=object)
                 ensembl = strip_version(given)
-            mapped = symbols_to_ensembl(symbols)
-            ensembl = mapped if ensembl is None else np.where(ensembl != "", ensembl, mapped)
-        return cls(symbols=np.asarray(symbols, dtype=object), ensembl=np.asarray(ensembl, dtype=object))
+            offline = symbols_to_ensembl(symbols)
+            if ensembl is None:
+                ensembl, mapped = offline, offline != ""
+            else:
+                mapped = (ensembl == "") & (offline != "")
+                ensembl = np.where(ensembl != "", ensembl, offline)
+        return cls(symbols=np.asarray(symbols, dtype=object), ensembl=np.asarray(ensembl, dtype=object),
+                   given_ids=ids, id_source="var_names" if gene_key is None else str(gene_key),
+                   var_ensembl_id=var_ensembl_id, mapped=np.asarray(mapped, dtype=bool), ensembl_column=ens_col)

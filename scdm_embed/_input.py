@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ class InputDataset:
     is_integer: bool
     layer: str | None = None
     gene_key: str | None = None
+    #: ``obs["n_counts"]`` as float64 (NaN where not a number) when obs has it, else ``None``
+    n_counts: np.ndarray | None = None
     _x: object = field(default=None, repr=False)
     _handle: object = field(default=None, repr=False)
 
@@ -85,8 +88,10 @@ class InputDataset:
         return len(self.var_names)
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
-        """Rows ``start:stop`` as float32 CSR (raw values, as stored)."""
-        return _as_csr(self._x[start:stop])
+        """Rows ``start:stop`` as float32 CSR (raw values, as stored); an unreadable block is an :class:`InputError`."""
+        with _reading(self.path):
+            block = self._x[start:stop]
+        return _as_csr(block)
 
     def iter_chunks(self, chunk_size: int, *, start_chunk: int = 0) -> Iterator[tuple[int, sp.csr_matrix]]:
         for i in range(start_chunk * chunk_size, self.n_cells, chunk_size):
@@ -104,6 +109,24 @@ def _as_csr(block) -> sp.csr_matrix:
     return m.astype(np.float32, copy=False)
 
 
+#: what h5py / zarr / anndata raise reading a file that opens but is damaged inside (e.g. HDF5
+#: "wrong B-tree signature", "bad local heap signature", a truncated or garbled chunk)
+_READ_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a reader failure inside an opened AnnData into an :class:`InputError` naming the file."""
+    try:
+        yield
+    except _READ_ERRORS as e:
+        reason = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        writer = "adata.write_zarr" if path.is_dir() or path.suffix == ".zarr" else "adata.write_h5ad"
+        raise InputError(f"cannot read {str(path)!r} ({reason or type(e).__name__}): the file opens but is damaged "
+                         "inside (or was not written by anndata)",
+                         f"the file is damaged: re-download it or re-write it with {writer}") from e
+
+
 def _open(path: Path, layer: str | None):
     if not path.exists():
         raise InputError(f"input {str(path)!r} does not exist", "check the path (an .h5ad file or an AnnData .zarr folder)")
@@ -114,20 +137,27 @@ def _open(path: Path, layer: str | None):
             handle = h5py.File(path, "r")
     except Exception as e:  # noqa: BLE001 - any reader failure is a bad file
         raise InputError(f"cannot open {str(path)!r} as AnnData: {e}", "give an .h5ad file or an AnnData .zarr store") from e
-    for key in ("obs", "var", "X"):
-        if key not in handle and not (key == "X" and layer):
-            raise InputError(f"{str(path)!r} is not an AnnData file (no {key!r} element)", "write it with adata.write_h5ad()")
-    obs = ad.io.read_elem(handle["obs"])
-    var = ad.io.read_elem(handle["var"])
-    if layer is not None:
-        if "layers" not in handle or layer not in handle["layers"]:
-            have = list(handle["layers"].keys()) if "layers" in handle else []
-            raise InputError(f"layer {layer!r} is not in {path.name} (layers: {have})", "pick one of those layers with --layer, or omit --layer to use X")
-        elem = handle["layers"][layer]
-    else:
-        elem = handle["X"]
-    enc = dict(elem.attrs).get("encoding-type", "array")
-    x = ad.io.sparse_dataset(elem) if enc in ("csr_matrix", "csc_matrix") else elem
+    try:
+        with _reading(path):
+            for key in ("obs", "var", "X"):
+                if key not in handle and not (key == "X" and layer):
+                    raise InputError(f"{str(path)!r} is not an AnnData file (no {key!r} element)", "write it with adata.write_h5ad()")
+            obs = ad.io.read_elem(handle["obs"])
+            var = ad.io.read_elem(handle["var"])
+            if layer is not None:
+                if "layers" not in handle or layer not in handle["layers"]:
+                    have = list(handle["layers"].keys()) if "layers" in handle else []
+                    raise InputError(f"layer {layer!r} is not in {path.name} (layers: {have})", "pick one of those layers with --layer, or omit --layer to use X")
+                elem = handle["layers"][layer]
+            else:
+                elem = handle["X"]
+            enc = dict(elem.attrs).get("encoding-type", "array")
+            x = ad.io.sparse_dataset(elem) if enc in ("csr_matrix", "csc_matrix") else elem
+            _ = x.shape  # a damaged matrix header fails here, inside the guard
+    except BaseException:
+        if isinstance(handle, h5py.File):
+            handle.close()
+        raise
     return handle, obs, var, x
 
 
@@ -158,12 +188,18 @@ def read_input(
     require_counts: bool = True,
     require_labels: bool = True,
     chunk_size: int = 2048,
+    allow_duplicate_genes: bool = False,
+    allow_single_class: bool = False,
 ) -> InputDataset:
     """Open and validate an AnnData for extraction.
 
     One streaming pass over the matrix checks values (finite, non-negative, integer when
     ``require_counts``, no all-zero cell) and computes the content hash. Nothing is loaded
     whole. ``require_labels=False`` opens an unlabelled AnnData (e.g. a fitting reference).
+    ``allow_duplicate_genes`` accepts repeated ids in a ``gene_key`` column (for models that
+    take them as separate genes); repeated ``var_names`` are always refused.
+    Labelled cells must hold both classes unless ``allow_single_class`` (a dataset meant to be
+    pooled in the store with datasets that hold the other class).
     Raises :class:`~scdm_embed.InputError` naming the problem and the fix.
     """
     path = Path(path)
@@ -177,25 +213,48 @@ def read_input(
         ids = var.index if gene_key is None else var.get(gene_key)
         if ids is None:
             raise InputError(f"gene column {gene_key!r} is not in var; var has: {list(var.columns)}", "pass --gene-key with one of those, or omit it to use var_names")
-        _check_unique(pd.Index(ids.astype(str)), "gene", "call adata.var_names_make_unique() or aggregate duplicated genes")
+        if gene_key is None or not allow_duplicate_genes:
+            _check_unique(pd.Index(ids.astype(str)), "gene", "call adata.var_names_make_unique() or aggregate duplicated genes")
         if require_labels and labels.key not in obs:
             raise InputError(f"response column {labels.key!r} is not in obs; obs has: {list(obs.columns)}", "pass --response-key with the column that holds sensitive/resistant")
         cells = pd.DataFrame(index=pd.Index(obs.index.astype(str), name="cell_id"))
         if require_labels:
             cells["label"] = labels.encode(obs[labels.key])
+            if not allow_single_class:
+                _check_two_classes(cells["label"].to_numpy(), path.name, labels.key)
             cells["response"] = np.where(cells["label"].to_numpy() == SENSITIVE, "sensitive", "resistant")
         for role, col in _meta_columns(obs, meta_keys or {}).items():
             cells[role] = obs[col].astype(str).to_numpy()
-        h, is_integer = _validate_and_hash(x, n_cells, chunk_size, path.name, require_counts, obs.index)
+        h, is_integer = _validate_and_hash(x, n_cells, chunk_size, path, require_counts, obs.index)
         h.update("\0".join(map(str, ids)).encode())
         h.update("\0".join(map(str, obs.index)).encode())
+        n_counts = _obs_n_counts(obs)
+        if n_counts is not None:  # Geneformer normalises by it: part of what the input means
+            h.update(n_counts.tobytes())
         genes = GeneTable.from_var(var, gene_key=gene_key)
     except BaseException:
         if isinstance(handle, h5py.File):
             handle.close()
         raise
     return InputDataset(path=path, cells=cells, genes=genes, var_names=np.asarray(ids.astype(str)), content_hash=h.hexdigest(),
-                        is_integer=is_integer, layer=layer, gene_key=gene_key, _x=x, _handle=handle)
+                        is_integer=is_integer, layer=layer, gene_key=gene_key, n_counts=n_counts, _x=x, _handle=handle)
+
+
+def _obs_n_counts(obs: pd.DataFrame) -> np.ndarray | None:
+    """``obs["n_counts"]`` as float64 (NaN where a value is not a number), ``None`` if absent."""
+    if "n_counts" not in obs:
+        return None
+    return pd.to_numeric(obs["n_counts"].astype(object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _check_two_classes(label: np.ndarray, name: str, key: str) -> None:
+    present = set(np.unique(label).tolist())
+    if len(present) < 2:
+        only = "sensitive" if SENSITIVE in present else "resistant"
+        raise InputError(f"all {label.size} cells of {name} are {only} (column {key!r}): a drug-response classifier "
+                         "needs sensitive and resistant cells",
+                         "check --response-key / --sensitive / --resistant; if you will pool it with datasets that "
+                         "hold the other class, pass --allow-single-class")
 
 
 def _check_unique(index: pd.Index, what: str, fix: str) -> None:
@@ -204,11 +263,14 @@ def _check_unique(index: pd.Index, what: str, fix: str) -> None:
         raise InputError(f"{int(index.duplicated().sum())} duplicate {what} ids, e.g. {dup}", fix)
 
 
-def _validate_and_hash(x, n_cells: int, chunk_size: int, name: str, require_counts: bool, obs_names: Sequence[str]):
+def _validate_and_hash(x, n_cells: int, chunk_size: int, path: Path, require_counts: bool, obs_names: Sequence[str]):
+    name = path.name
     h = hashlib.sha256()
     is_integer = True
     for start in range(0, n_cells, chunk_size):
-        m = _as_csr(x[start:min(start + chunk_size, n_cells)])
+        with _reading(path):
+            block = x[start:min(start + chunk_size, n_cells)]
+        m = _as_csr(block)
         d = m.data
         if not np.all(np.isfinite(d)):
             raise InputError(f"{name} has non-finite values (NaN or inf) in rows {start}..{start + m.shape[0] - 1}",

@@ -7,12 +7,15 @@ are written chunk by chunk; a per-chunk ``done`` flag makes interrupted extracti
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +25,12 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no metadata lock
+    fcntl = None  # type: ignore[assignment]
 
 from ._errors import StaleCacheError, StoreError
 from ._version import __version__
@@ -31,9 +39,18 @@ FORMAT_VERSION = "0.1.0"
 #: float embeddings barely compress; byte-shuffled LZ4 decodes ~2.4x faster than zstd at a
 #: slightly better ratio (measured on MiniLM embeddings of the PC9 cells, bench/bench_store_read.py)
 EMBEDDING_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+#: a CRC-32C of every compressed chunk: corruption that still decompresses is caught on read
+EMBEDDING_CODECS = (EMBEDDING_CODEC, Crc32cCodec())
+#: one-byte done flags do not compress; the checksum still guards them
+DONE_CODECS = (Crc32cCodec(),)
 DEFAULT_STORE = Path("store") / "scdm.zarr"
+#: the file inside a store that ``flock`` serialises metadata writes on (see :func:`store_lock`)
+LOCK_NAME = ".scdm.lock"
+#: write failures that mean "the store cannot be written" rather than a bug
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+warnings.filterwarnings("ignore", message=r".*\.scdm\.lock is not recognized.*")
 
 
 def _stamp(node, kind: str, **attrs: Any) -> None:
@@ -46,6 +63,154 @@ def _now() -> str:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def cells_hash(cells: pd.DataFrame) -> str:
+    """sha256 of a cell table: index, column names, dtypes and every value (labels, study, ...)."""
+    h = hashlib.sha256()
+    h.update("\0".join(map(str, cells.index)).encode())
+    for col in cells.columns:
+        h.update(f"\1{col}\1{cells[col].dtype}\1".encode())
+        h.update("\0".join(map(str, cells[col].to_numpy())).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def check_store_path(path: str | Path) -> None:
+    """Refuse a store path that is a file, lies under a file, or is a folder of other things."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == path else f"lies under the file {str(p)!r}"
+            raise StoreError(f"the store path {str(path)!r} {where}", "point --store at a new path or an existing scdm store")
+        if p.exists():
+            break
+    if path.is_dir() and not (path / "zarr.json").exists():
+        try:
+            other = sorted(e.name for e in os.scandir(path) if e.name != LOCK_NAME)
+        except OSError as e:
+            raise store_os_error(e, path) from None
+        if other:
+            raise StoreError(f"{str(path)!r} is a folder that is not an scdm store (it holds {', '.join(other[:3])}"
+                             f"{', ...' if len(other) > 3 else ''})",
+                             "pick a new path or an empty folder for --store")
+
+
+def store_writable(path: str | Path) -> bool:
+    """Whether the store (or, before it exists, the nearest existing folder above it) can be written."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.access(p, os.W_OK | os.X_OK)
+
+
+def _os_errno(e: BaseException) -> int | None:
+    """The errno of ``e`` or of the OSError it wraps (anndata re-raises write errors without it)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur.errno
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """True for a full disk, exhausted quota, read-only file system or denied permission."""
+    return _os_errno(e) in _WRITE_ERRNOS
+
+
+def store_os_error(e: BaseException, path: str | Path) -> StoreError:
+    """The StoreError a user sees for an OSError while writing (or reading) ``path``."""
+    code = _os_errno(e)
+    where = str(path)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if code == errno.ENOSPC else "the disk quota is exhausted"
+        return StoreError(f"{what} while writing the store {where!r}",
+                          "free space (or pick --store on a disk with room) and re-run the same command; "
+                          "chunks finished by earlier runs are kept")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "is on a read-only file system" if code == errno.EROFS else "is not writable (permission denied)"
+        return StoreError(f"the store {where!r} {what}", "make it writable, or point --store at a writable path")
+    return StoreError(f"cannot write the store {where!r}: {e}", "check the disk and the path, then re-run the same command")
+
+
+class StoreLock:
+    """A held :func:`store_lock`; ``writable`` is False for a store this process cannot write."""
+
+    def __init__(self, writable: bool) -> None:
+        self.writable = writable
+        self.kept = False
+
+    def keep(self) -> None:
+        """Keep the lock file (and the store folder made for it): this run wrote into the store."""
+        self.kept = True
+
+
+@contextlib.contextmanager
+def store_lock(path: str | Path) -> Iterator[StoreLock]:
+    """Hold an exclusive ``flock`` on ``<store>/.scdm.lock`` for metadata reads and writes.
+
+    Fitting/attaching references, cell tables and array creation happen under it, so two
+    extractions into one store agree on a single reference; chunk writes do not take it.
+    The store folder is made for the lock file if needed; when the holder did not call
+    :meth:`StoreLock.keep`, the lock file and folders it created are removed again, so a
+    refused or no-op run leaves the store byte-identical. A store this process cannot
+    write yields an unlocked, non-writable handle.
+    """
+    path = Path(path)
+    if fcntl is None or (path.exists() and not store_writable(path)):
+        yield StoreLock(writable=path.exists() and store_writable(path))
+        return
+    made: list[Path] = []
+
+    def _mkdirs() -> None:
+        for d in reversed([p for p in (path, *path.parents) if not p.exists()]):
+            try:
+                d.mkdir()
+                made.append(d)
+            except FileExistsError:
+                pass
+
+    lock_path = path / LOCK_NAME
+    created = False
+    try:
+        while True:
+            _mkdirs()
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                created = True
+            except FileExistsError:
+                try:
+                    fd = os.open(lock_path, os.O_RDWR)
+                except FileNotFoundError:  # removed meanwhile: try again
+                    continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed it (a rolled-back store): lock the new one
+            created = False
+    except OSError as e:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise store_os_error(e, path) from None
+    lk = StoreLock(writable=True)
+    try:
+        yield lk
+    finally:
+        if not lk.kept:
+            if created:
+                with contextlib.suppress(OSError):
+                    lock_path.unlink()
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -73,25 +238,32 @@ class EmbeddingStore:
     def __init__(self, path: str | Path = DEFAULT_STORE, *, mode: str = "r") -> None:
         self.path = Path(path)
         self.mode = mode
+        check_store_path(self.path)
         if mode == "r":
             if not (self.path / "zarr.json").exists():
                 raise StoreError(f"no scdm store at {str(self.path)!r}",
                                  "run `scdm-embed extract INPUT --model NAME --store PATH` first, or check --store")
             self.root = zarr.open_group(str(self.path), mode="r")
             self._check_format()
-        else:
+            return
+        if not store_writable(self.path):
+            raise store_os_error(OSError(errno.EACCES, "not writable"), self.path)
+        try:
             fresh = not (self.path / "zarr.json").exists()
             if not fresh:
                 self.root = zarr.open_group(str(self.path), mode="a")
                 self._check_format()
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
-                _stamp(self.root, "scdm-store", scdm_version=__version__, created=_now())
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.root = zarr.open_group(str(self.path), mode="a", zarr_format=3, attributes={
+                    "encoding-type": "scdm-store", "encoding-version": FORMAT_VERSION, "scdm_version": __version__,
+                    "created": _now()})
             for name, kind in (("datasets", "scdm-datasets"), ("embeddings", "scdm-embeddings"),
                                ("references", "scdm-references"), ("splits", "scdm-splits")):
                 if name not in self.root:
                     _stamp(self.root.create_group(name), kind)
+        except OSError as e:
+            raise store_os_error(e, self.path) from None
 
     def _check_format(self) -> None:
         a = dict(self.root.attrs)
@@ -122,16 +294,21 @@ class EmbeddingStore:
         return dict(g.attrs)
 
     def put_dataset(self, dataset: str, cells: pd.DataFrame, *, input_hash: str, **attrs: Any) -> None:
-        """Write a dataset's cell table atomically (staged, then renamed into place)."""
+        """Write a dataset's cell table atomically (staged, then renamed into place).
+
+        Its ``cells_hash`` (see :func:`cells_hash`) lets a re-extraction notice changed labels or metadata.
+        """
         _check_name(dataset, "dataset")
         final = self.path / "datasets" / dataset
         tmp_name = f".tmp-{dataset}-{uuid.uuid4().hex[:8]}"
-        g = self.root["datasets"].create_group(tmp_name)
-        _stamp(g, "scdm-dataset", input_hash=input_hash, n_cells=len(cells), created=_now(), **_jsonable(attrs))
-        ad.io.write_elem(g, "cells", cells)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(self.path / "datasets" / tmp_name, final)
+        with _staged(self.path / "datasets" / tmp_name):
+            g = self.root["datasets"].create_group(tmp_name)
+            _stamp(g, "scdm-dataset", input_hash=input_hash, cells_hash=cells_hash(cells), n_cells=len(cells),
+                   created=_now(), **_jsonable(attrs))
+            ad.io.write_elem(g, "cells", cells)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.path / "datasets" / tmp_name, final)
         self.__dict__.pop("_cells_cache", None)
 
     def cells(self, datasets: Sequence[str] | None = None) -> pd.DataFrame:
@@ -150,10 +327,14 @@ class EmbeddingStore:
         g = self._group("datasets", ds)
         if g is None:
             raise StoreError(f"dataset {ds!r} is not in the store (has: {self.datasets()})", "check the dataset name")
-        key = (ds, g.attrs.get("input_hash"))
+        key = (ds, g.attrs.get("input_hash"), g.attrs.get("cells_hash"))
         cache = self.__dict__.setdefault("_cells_cache", {})
         if key not in cache:
-            df = ad.io.read_elem(g["cells"])
+            try:
+                df = ad.io.read_elem(g["cells"])
+            except (ValueError, RuntimeError, OSError, KeyError) as e:
+                raise StoreError(f"the cell table of dataset {ds!r} in {str(self.path)!r} cannot be read ({e})",
+                                 f"re-extract it: `scdm-embed extract INPUT --dataset {ds} --store {self.path} --overwrite`") from None
             df.insert(0, "row", np.arange(len(df)))
             df.insert(0, "dataset", ds)
             df.index = pd.Index([f"{ds}/{c}" for c in df.index], name="cell")
@@ -176,9 +357,10 @@ class EmbeddingStore:
         g = mg.create_group(dataset)
         n_chunks = -(-n_cells // chunk_rows)
         x = g.create_array("X", shape=(n_cells, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=np.nan,
-                           compressors=EMBEDDING_CODEC)
+                           compressors=EMBEDDING_CODECS)
         x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        done = g.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False)
+        done = g.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False,
+                              compressors=DONE_CODECS)
         done.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         _stamp(g, "scdm-embedding", model=model, dataset=dataset, n_cells=n_cells, dim=dim, chunk_rows=chunk_rows,
                dtype=dtype, complete=False, created=_now(), **_jsonable(attrs))
@@ -194,7 +376,7 @@ class EmbeddingStore:
     def finish_embedding(self, model: str, dataset: str, **attrs: Any) -> None:
         """Mark an array complete once every chunk is done."""
         g = self.root["embeddings"][model][dataset]
-        done = g["done"][:]
+        done = self.done_flags(model, dataset)
         if not done.all():
             raise StoreError(f"{model}/{dataset}: {int((~done).sum())} chunks are not written", "re-run the extraction to resume it")
         g.attrs.update({**_jsonable(attrs), "complete": True, "completed": _now()})
@@ -209,6 +391,14 @@ class EmbeddingStore:
         for c, s in enumerate(range(0, X.shape[0], chunk_rows)):
             self.write_chunk(model, dataset, c, np.asarray(X[s:s + chunk_rows]))
         self.finish_embedding(model, dataset)
+
+    def done_flags(self, model: str, dataset: str) -> np.ndarray:
+        """The per-chunk done flags of an array (a StoreError naming it when they cannot be read)."""
+        g = self.root["embeddings"][model][dataset]
+        try:
+            return g["done"][:]
+        except (ValueError, RuntimeError, OSError, KeyError) as e:
+            raise _corrupt(self.path, model, dataset, "done", e) from None
 
     def delete_embedding(self, model: str, dataset: str) -> None:
         mg = self._group("embeddings", model)
@@ -226,7 +416,7 @@ class EmbeddingStore:
             for ds in sorted(eg[model].group_keys()):
                 g = eg[model][ds]
                 a = dict(g.attrs)
-                done = g["done"][:]
+                done = self.done_flags(model, ds)
                 ds_attrs = dict(self._group("datasets", ds).attrs) if self._group("datasets", ds) is not None else {}
                 stale = ds_attrs.get("input_hash") != a.get("input_hash")
                 out.append(EmbeddingInfo(model, ds, int(a["n_cells"]), int(a["dim"]), bool(a.get("complete")),
@@ -263,7 +453,7 @@ class EmbeddingStore:
             g = mg[ds]
             a = dict(g.attrs)
             if not a.get("complete") and not allow_incomplete:
-                raise StoreError(f"embeddings {model}/{ds} are incomplete ({int(g['done'][:].sum())}/{g['done'].shape[0]} chunks)",
+                raise StoreError(f"embeddings {model}/{ds} are incomplete ({int(self.done_flags(model, ds).sum())}/{g['done'].shape[0]} chunks)",
                                  "re-run the same `scdm-embed extract` command to resume it (or pass allow_incomplete=True)")
             if a.get("input_hash") != self.dataset_attrs(ds).get("input_hash") and not allow_incomplete:
                 raise StaleCacheError(f"embeddings {model}/{ds} were computed from another version of the input",
@@ -272,10 +462,13 @@ class EmbeddingStore:
             if X is None:
                 X = np.empty((len(table), x.shape[1]), dtype=np.float32)
             where = np.flatnonzero(ds_col == ds)
-            if len(where) and where[-1] - where[0] + 1 == len(where):  # contiguous in the output
-                X[where[0]:where[-1] + 1] = _read_rows(x, row_col[where])
-            elif len(where):
-                X[where] = _read_rows(x, row_col[where])
+            try:
+                if len(where) and where[-1] - where[0] + 1 == len(where):  # contiguous in the output
+                    X[where[0]:where[-1] + 1] = _read_rows(x, row_col[where])
+                elif len(where):
+                    X[where] = _read_rows(x, row_col[where])
+            except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable or unreadable chunk
+                raise _corrupt(self.path, model, ds, "X", e) from None
         if X is None:
             X = np.empty((len(table), 0), np.float32)
         return X, table
@@ -288,19 +481,23 @@ class EmbeddingStore:
         return {k: g[k][:] for k in g.array_keys()}, dict(g.attrs)
 
     def put_reference(self, name: str, arrays: dict[str, np.ndarray], **attrs: Any) -> None:
+        """Write a fitted reference atomically (staged, then renamed into place)."""
         _check_name(name, "reference")
-        parent = self.root["references"]
-        if name in parent:
-            del parent[name]
-        g = parent.create_group(name)
-        for k, v in arrays.items():
-            v = np.asarray(v)
-            if v.dtype == object:
-                v = v.astype(str)
-            arr = g.create_array(k, shape=v.shape, dtype=v.dtype if v.dtype.kind != "U" else str)
-            arr[...] = v
-            arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        _stamp(g, "scdm-reference", created=_now(), **_jsonable(attrs))
+        final = self.path / "references" / name
+        tmp_name = f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        with _staged(self.path / "references" / tmp_name):
+            g = self.root["references"].create_group(tmp_name)
+            for k, v in arrays.items():
+                v = np.asarray(v)
+                if v.dtype == object:
+                    v = v.astype(str)
+                arr = g.create_array(k, shape=v.shape, dtype=v.dtype if v.dtype.kind != "U" else str)
+                arr[...] = v
+                arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            _stamp(g, "scdm-reference", created=_now(), **_jsonable(attrs))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.path / "references" / tmp_name, final)
 
     # -- splits ---------------------------------------------------------------------------
     def splits(self) -> list[str]:
@@ -312,12 +509,13 @@ class EmbeddingStore:
         _check_name(name, "split")
         final = self.path / "splits" / name
         tmp = f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        g = self.root["splits"].create_group(tmp)
-        _stamp(g, "scdm-split", created=_now(), **_jsonable(attrs))
-        ad.io.write_elem(g, "table", table)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(self.path / "splits" / tmp, final)
+        with _staged(self.path / "splits" / tmp):
+            g = self.root["splits"].create_group(tmp)
+            _stamp(g, "scdm-split", created=_now(), **_jsonable(attrs))
+            ad.io.write_elem(g, "table", table)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.path / "splits" / tmp, final)
 
     def get_splits(self, name: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
         g = self._group("splits", name)
@@ -338,6 +536,28 @@ def _read_rows(x, rows: np.ndarray) -> np.ndarray:
     return block[rows - lo]
 
 
-def _check_name(name: str, what: str) -> None:
-    if not name or "/" in name or name.startswith(".") or name != name.strip():
-        raise StoreError(f"{what} name {name!r} is not usable as a store key", f"use a {what} name without '/' or a leading '.'")
+@contextlib.contextmanager
+def _staged(tmp: Path) -> Iterator[None]:
+    """Remove a staging folder when writing it fails (e.g. the disk is full)."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _corrupt(store: Path, model: str, dataset: str, array: str, e: BaseException) -> StoreError:
+    return StoreError(f"embeddings {model}/{dataset} in {str(store)!r} are damaged: a chunk of {array} cannot be read "
+                      f"({type(e).__name__}: {e})",
+                      f"re-extract them: `scdm-embed extract INPUT --model {model} --dataset {dataset} --store {store} --overwrite`")
+
+
+def check_name(name: str, what: str) -> None:
+    """Refuse a name that cannot be a store key: empty, with '/' or '\\', leading '.' or '__', padded."""
+    if (not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith((".", "__"))
+            or name != name.strip() or not name.isprintable()):
+        raise StoreError(f"{what} name {name!r} is not usable as a store key",
+                         f"use a {what} name without '/', '\\', a leading '.' or '__', or surrounding spaces")
+
+
+_check_name = check_name

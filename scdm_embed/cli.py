@@ -53,6 +53,8 @@ def extract(
     min_overlap: Annotated[float, typer.Option(help="Refuse when the dataset and the model's vocabulary share less than this.")] = 0.25,
     reference: Annotated[Path | None, typer.Option(help="pca/hvg: fit genes/basis on this AnnData instead of the first dataset.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace embeddings computed from another input or checkpoint.")] = False,
+    allow_single_class: Annotated[bool, typer.Option("--allow-single-class", help="Accept a dataset whose cells are all sensitive (or all resistant), to be pooled in the store with datasets that hold the other class.")] = False,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint files in full (they can run code): only for files you know are the authors'. Default: a restricted loader that refuses code.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Embed every cell of INPUT with one model and write the array to the store.
@@ -69,10 +71,14 @@ def extract(
                  meta_keys={k: v for k, v in keys.items() if v is not None}, gene_key=gene_key, layer=layer,
                  batch_size=batch_size, token_budget=token_budget, chunk_size=chunk_size, device=device, dtype=dtype,
                  store_dtype=store_dtype, min_overlap=min_overlap, reference=reference, overwrite=overwrite,
-                 progress=not quiet, model_options=parse_options(option))
+                 progress=not quiet, model_options=parse_options(option), trust_checkpoint=trust_checkpoint,
+                 allow_single_class=allow_single_class)
     ov = r.overlap
     if r.status == "up-to-date":
         console.print(f"{r.model}/{r.dataset}: already complete in {r.store} (nothing to do)")
+    elif r.status == "metadata-updated":
+        console.print(f"{r.model}/{r.dataset}: metadata-updated: the cell table (labels, study, ...) changed and was "
+                      f"rewritten; embeddings are current (same counts, genes and cells) -> {r.store}")
     else:
         console.print(f"{r.model}/{r.dataset}: {r.status}, {r.n_cells} cells x {r.dim} dims, {r.chunks_computed} chunks "
                       f"in {r.seconds:.1f}s ({r.cells_per_s:.0f} cells/s) -> {r.store}")
@@ -82,7 +88,9 @@ def extract(
 
 @app.command("list-models")
 @friendly_errors
-def list_models() -> None:
+def list_models(
+    options: Annotated[bool, typer.Option("--options", help="Also list each model's options (name, type, default, help).")] = False,
+) -> None:
     """List the registered models and what their checkpoints must hold."""
     from .models import available_models, get_adapter
 
@@ -91,6 +99,23 @@ def list_models() -> None:
         a = get_adapter(name)
         t.add_row(name, a.checkpoint_layout or "(none: fitted per store)", a.description)
     console.print(t)
+    if not options:
+        return
+    for name in available_models():
+        spec = get_adapter(name).options_spec
+        if not spec:
+            console.print(f"{name}: no options")
+            continue
+        ot = Table(title=f"{name} options (--option KEY=VALUE)", title_justify="left")
+        ot.add_column("option", no_wrap=True)
+        ot.add_column("type", no_wrap=True)
+        ot.add_column("default")
+        ot.add_column("help")
+        for o in spec:
+            default = "(unset)" if o.default is None else str(o.default)
+            info = o.help + (f" [one of: {', '.join(map(str, o.choices))}]" if o.choices else "")
+            ot.add_row(o.name, o.type_name, default, info)
+        console.print(ot)
 
 
 @app.command()

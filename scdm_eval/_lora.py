@@ -56,7 +56,14 @@ from scdm_embed.models._base import Adapter, CellChunk
 
 from ._metrics import compute_metrics
 from ._run import RESULT_COLUMNS, _row, _task_seed
-from ._splits import LeakageWarning, Partition, SplitWarning, make_splits, open_store
+from ._splits import (
+    LeakageWarning,
+    Partition,
+    SplitWarning,
+    open_store,
+    save_splits,
+    saved_or_computed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +221,9 @@ def _option_candidates(given: Mapping[str, Any] | None, prov: Mapping[str, Mappi
     return [{}, numeric] if numeric else [{}]
 
 
-def _build(model: str, checkpoint: Path, options: Mapping[str, Any], device: torch.device) -> Adapter:
-    a = get_adapter(model)(checkpoint, **dict(options))
+def _build(model: str, checkpoint: Path, options: Mapping[str, Any], device: torch.device, *,
+           trust_checkpoint: bool = False) -> Adapter:
+    a = get_adapter(model)(checkpoint, trust_checkpoint=trust_checkpoint, **dict(options))
     a.load(device=device, dtype=torch.float32)  # float32 master weights; autocast does bf16 on CUDA
     if a.torch_module() is None:
         raise ScdmError(f"model {model!r} has no neural network to fine-tune with LoRA", "pick a transformer model")
@@ -231,6 +239,7 @@ def _prepare_context(
     input: str | Path | Mapping[str, str | Path] | None,
     model_options: Mapping[str, Any] | None,
     device: torch.device,
+    trust_checkpoint: bool = False,
 ) -> _Context:
     """Load the model, open and verify every dataset's cells, tokenize them once (split-table order)."""
     cls = _check_neural(model)
@@ -248,7 +257,7 @@ def _prepare_context(
         candidates = _option_candidates(model_options, prov)
         for i, opts in enumerate(candidates):
             try:
-                a = _build(model, ckpt, opts, device)
+                a = _build(model, ckpt, opts, device, trust_checkpoint=trust_checkpoint)
             except ScdmError:
                 if i == len(candidates) - 1 and best is None:
                     raise
@@ -395,6 +404,7 @@ def run_lora(
     device: str = "auto",
     out: str | Path | None = None,
     progress: bool = False,
+    trust_checkpoint: bool = False,
 ) -> pd.DataFrame:
     """LoRA-fine-tune ``model`` + a linear head on every partition of the store's saved splits.
 
@@ -402,6 +412,7 @@ def run_lora(
     ``folds``/``group_key``/``seed``. Raw cells come from each dataset's recorded input file
     (``input=``: a path, or ``{dataset: path}``, when it moved; its content hash must match
     the store's). ``checkpoint`` and ``model_options`` default to the extraction provenance.
+    ``trust_checkpoint`` unpickles the checkpoint files in full (as ``extract --trust-checkpoint``).
     Per partition: a fresh copy of the network with LoRA (r 8, alpha 8, dropout 0.05), a
     ``dim -> 2`` head, AdamW (``lr``) on cross-entropy for ``epochs`` epochs over the
     training cells in batches of ``batch_size``; then P(sensitive) of the test cells, scored
@@ -427,13 +438,14 @@ def run_lora(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LeakageWarning)
         warnings.simplefilter("always", SplitWarning)
-        splits = make_splits(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed)
+        # a new split is saved only once the run succeeded: a failed run leaves the store as it was
+        splits, new_splits = saved_or_computed(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [str(w.message) for w in caught if issubclass(w.category, (LeakageWarning, SplitWarning))]
 
     ctx = _prepare_context(st, splits.table.index, model=model, checkpoint=checkpoint, input=input,
-                           model_options=model_options, device=dev)
+                           model_options=model_options, device=dev, trust_checkpoint=trust_checkpoint)
     y = splits.table["label"].to_numpy().astype(np.int64)
     parts: list[Partition] = list(splits)
     if max_partitions is not None:
@@ -470,6 +482,8 @@ def run_lora(
     })
     if out is not None:
         write_lora_report(results, out)
+    if new_splits:
+        save_splits(st, splits)
     return results
 
 

@@ -19,7 +19,15 @@ from scdm_embed._store import EmbeddingStore
 
 from ._classifiers import check_classifiers, fit_score, make_classifier
 from ._metrics import METRICS
-from ._splits import LeakageWarning, Partition, Splits, SplitWarning, make_splits, open_store
+from ._splits import (
+    LeakageWarning,
+    Partition,
+    Splits,
+    SplitWarning,
+    open_store,
+    save_splits,
+    saved_or_computed,
+)
 
 #: Columns of the results table, in order.
 RESULT_COLUMNS: tuple[str, ...] = (
@@ -70,6 +78,23 @@ def _load(st: EmbeddingStore, model: str, datasets: Sequence[str], splits: Split
                          f"(e.g. {splits.table.index[np.flatnonzero(bad)[0]]})",
                          f"re-extract with `scdm-embed extract ... --model {model} --overwrite`")
     return X
+
+
+def _check_out(out: str | Path) -> None:
+    """Refuse an ``out`` that cannot become a results folder, before any fitting."""
+    import os
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ScdmError(f"--out {str(out)!r} is a file, not a folder", "pass --out with a folder (it is created if absent)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ScdmError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file", "pass --out with a folder path")
+    if not os.access(parent, os.W_OK):
+        raise ScdmError(f"--out {str(out)!r} is not writable ({str(parent)!r} refuses writes)",
+                        "pass --out with a folder you can write to")
 
 
 def _task_seed(seed: int, category: str, fold: int) -> int:
@@ -151,12 +176,15 @@ def run_evaluation(
     if not dsets:
         raise StoreError(f"the store {str(st.path)!r} holds no datasets", "run `scdm-embed extract` into it first")
     models = _check_models(st, models, dsets)
+    if out is not None:
+        _check_out(out)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LeakageWarning)
         warnings.simplefilter("always", SplitWarning)
-        splits = make_splits(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed,
-                             datasets=datasets, strict=strict)
+        # a new split is saved only once the run succeeded: a failed run leaves the store as it was
+        splits, new_splits = saved_or_computed(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed,
+                                               datasets=datasets, strict=strict)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [str(w.message) for w in caught if issubclass(w.category, (LeakageWarning, SplitWarning))]
@@ -197,4 +225,6 @@ def run_evaluation(
         from ._report import write_report
 
         write_report(results, out)
+    if new_splits:
+        save_splits(st, splits)
     return results

@@ -40,6 +40,8 @@ SCHEMES: tuple[str, ...] = ("pooled", "cross")
 BY_CHOICES: tuple[str, ...] = ("all", "tissue", "cancer_type", "drug", "drug_type", "regimen", "study", "dataset")
 _NOT_META = ("row", "label", "response")
 _CLASS = {1: "sensitive", 0: "resistant"}
+#: ends the skip reason of a category that holds one class only
+_ONE_CLASS = "a classifier cannot be trained on one class"
 
 
 class LeakageWarning(UserWarning):
@@ -180,8 +182,7 @@ def _pooled(category: str, y: np.ndarray, groups: np.ndarray | None, folds: int,
             group_key: str | None) -> tuple[np.ndarray | None, list[dict[str, Any]]]:
     n1, n0 = _counts(y)
     if n1 == 0 or n0 == 0:
-        return None, [_skip_category(category, f"only {_CLASS[int(n1 > 0)]} cells ({len(y)}); "
-                                               "a classifier cannot be trained on one class")]
+        return None, [_skip_category(category, f"only {_CLASS[int(n1 > 0)]} cells ({len(y)}); {_ONE_CLASS}")]
     if groups is not None:
         per_class = {c: int(pd.unique(groups[y == c]).size) for c in (1, 0)}
         low = min(per_class, key=per_class.get)
@@ -218,8 +219,7 @@ def _cross(category: str, y: np.ndarray, study: np.ndarray) -> tuple[np.ndarray 
         return None, [_skip_category(category, f"one study only ({studies[0]}); leave-one-study-out needs >= 2")]
     n1, n0 = _counts(y)
     if n1 == 0 or n0 == 0:
-        return None, [_skip_category(category, f"only {_CLASS[int(n1 > 0)]} cells ({len(y)}); "
-                                               "a classifier cannot be trained on one class")]
+        return None, [_skip_category(category, f"only {_CLASS[int(n1 > 0)]} cells ({len(y)}); {_ONE_CLASS}")]
     fold = np.full(len(y), -1, dtype=np.int16)
     rows = []
     for f, s in enumerate(studies):
@@ -284,8 +284,7 @@ def _check_skips(parts: pd.DataFrame, scheme: str, by: str, strict: bool) -> Non
     if not len(bad):
         return
     what = "category" if scheme == "pooled" else "category / held-out study"
-    fix = ("use a smaller --folds, a coarser --by, or a --group-key with more groups" if scheme == "pooled"
-           else "use a --by whose categories hold >= 2 studies with both classes, or --scheme pooled")
+    fix = _skip_fix(bad, scheme, by)
     listing = "; ".join(f"{r.category}{'' if r.fold < 0 else '/' + r.name}: {r.skipped}" for r in bad.itertuples())
     if len(bad) == len(parts):
         raise ScdmError(f"no {what} can be evaluated with scheme={scheme}, by={by}: {listing}", fix)
@@ -293,6 +292,26 @@ def _check_skips(parts: pd.DataFrame, scheme: str, by: str, strict: bool) -> Non
         raise ScdmError(f"{len(bad)} {what}(s) cannot be evaluated with scheme={scheme}, by={by}: {listing}", fix)
     warnings.warn(f"skipping {len(bad)} {what}(s) (reasons are recorded in the results): {listing}",
                   SplitWarning, stacklevel=3)
+
+
+def _skip_fix(bad: pd.DataFrame, scheme: str, by: str) -> str:
+    """Advice that can help with these skipped categories / partitions."""
+    one_class = [str(r.category) for r in bad.itertuples() if r.skipped.endswith(_ONE_CLASS)]
+    fixes = []
+    if one_class and by == "all":
+        fixes.append("every cell of the store's datasets is of one class, and no split can change that: extract a "
+                     "dataset that holds the other class into the store (`scdm-embed extract ... --store PATH`), or "
+                     "check the labels given at extraction (--response-key / --sensitive / --resistant)")
+    elif one_class:
+        shown = ", ".join(repr(c) for c in one_class[:5]) + (f" (+{len(one_class) - 5} more)" if len(one_class) > 5 else "")
+        fixes.append(f"--by {by} categor{'y' if len(one_class) == 1 else 'ies'} {shown} "
+                     f"hold{'s' if len(one_class) == 1 else ''} one class only: pool them with cells of the "
+                     "other class through a coarser --by (e.g. --by all), or extract a dataset that holds the "
+                     "other class for them")
+    if len(bad) > len(one_class):
+        fixes.append("use a smaller --folds, a coarser --by, or a --group-key with more groups" if scheme == "pooled"
+                     else "use a --by whose categories hold >= 2 studies with both classes, or --scheme pooled")
+    return "; ".join(fixes)
 
 
 def compute_splits(
@@ -367,6 +386,31 @@ def make_splits(
     group key, a :class:`LeakageWarning` flags metadata columns confounded with the label.
     """
     st = open_store(store)
+    splits, new = saved_or_computed(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed,
+                                    datasets=datasets, strict=strict, overwrite=overwrite)
+    if new:
+        save_splits(st, splits)
+    return splits
+
+
+def saved_or_computed(
+    store: str | Path | EmbeddingStore,
+    *,
+    scheme: Literal["pooled", "cross"] = "pooled",
+    by: str = "all",
+    folds: int = 10,
+    group_key: str | None = None,
+    seed: int = 0,
+    datasets: Sequence[str] | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+) -> tuple[Splits, bool]:
+    """``(splits, new)``: the saved splits (``new`` False), or freshly computed ones, not saved yet.
+
+    What :func:`make_splits` does before it saves; a caller that must validate more first (a
+    run) saves a new split with :func:`save_splits` once that succeeded.
+    """
+    st = open_store(store)
     cells = _cells(st, datasets)
     if not overwrite:
         _, _, name = _identify(cells, scheme, by, folds, group_key, seed)
@@ -375,15 +419,19 @@ def make_splits(
             if scheme == "pooled" and group_key is None:
                 _leakage(cells, _categories(cells, by), by)
             _check_skips(saved.partitions, scheme, by, strict)
-            return saved
-    splits = compute_splits(cells, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed, strict=strict)
+            return saved, False
+    return compute_splits(cells, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed, strict=strict), True
+
+
+def save_splits(store: str | Path | EmbeddingStore, splits: Splits) -> None:
+    """Save ``splits`` into the store (a :class:`SplitWarning` if the store cannot be written)."""
+    st = open_store(store)
     try:
         open_store(st, write=True).put_splits(splits.name, splits.table, **splits.params,
                                               partitions=splits.partitions.to_dict("records"))
     except OSError as e:
         warnings.warn(f"could not save the splits into {str(st.path)!r} ({e}); they were computed in memory",
-                      SplitWarning, stacklevel=2)
-    return splits
+                      SplitWarning, stacklevel=3)
 
 
 def load_splits(

@@ -137,6 +137,7 @@ def lora(
     batch_size: Annotated[int, typer.Option(help="Cells per batch (CellPLM: the cells' shared context).")] = 16,
     max_partitions: Annotated[int | None, typer.Option(help="Only the first N partitions (quick runs).")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cuda, cuda:N or cpu.")] = "auto",
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint files in full (they can run code): only for files you know are the authors'.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """LoRA-fine-tune a foundation model + linear head on every partition of the saved splits (GPU stage)."""
@@ -150,7 +151,7 @@ def lora(
         res = run_lora(store, model=model, checkpoint=checkpoint, input=_lora_inputs(input), model_options=opts,
                        scheme=scheme.value, by=by.value, folds=folds, group_key=group_key, seed=seed, epochs=epochs,
                        lr=lr, batch_size=batch_size, max_partitions=max_partitions, device=device, out=out,
-                       progress=not quiet)
+                       progress=not quiet, trust_checkpoint=trust_checkpoint)
     console.print(rich_table(summarize(res)))
     info = res.attrs.get("lora", {})
     combined = " and combined_summary.md" if (out / "combined_summary.md").exists() else ""

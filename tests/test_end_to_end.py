@@ -54,6 +54,7 @@ def test_grouped_pooled_folds_keep_samples_apart(cohort_store, tmp_path):
     assert len(res) == 4 * 2
     splits = scdm_eval.load_splits(store, scheme="pooled", folds=4, group_key="sample")
     sample = np.array([a.obs["sample"].iloc[i] for i in range(a.n_obs)])
+    assert splits is not None and len(splits) == 4
     for part in splits:
         assert not set(sample[part.train]) & set(sample[part.test])
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +36,7 @@ import torch
 
 from .._errors import CheckpointError
 from .._genes import GeneTable
+from ._options import Option, resolve_options
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,15 @@ class CellChunk:
 
     ``X`` is float32 CSR of the values as stored (raw counts for count models), in the
     dataset's gene order (``genes``). ``cell_ids`` are the obs names (for per-cell seeds).
+    ``n_counts`` is the input's ``obs["n_counts"]`` for these cells when it has that column
+    (float64; ``None`` otherwise): Geneformer's original tokenizer takes the cell total from it.
     """
 
     X: sp.csr_matrix
     cell_ids: np.ndarray
     genes: GeneTable
     start: int = 0
+    n_counts: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class GeneOverlap:
     n_vocab_in_data: int  #: vocabulary genes present in the dataset
     n_data: int  #: genes in the dataset
     n_data_used: int  #: dataset genes the model uses
+    #: model-specific notes on how the genes were resolved (e.g. ids given vs looked up by symbol)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_data_ignored(self) -> int:
@@ -82,6 +88,8 @@ class GeneOverlap:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not d["details"]:
+            del d["details"]  # only models that resolve genes in several ways report them
         d["n_data_ignored"] = self.n_data_ignored
         d["fraction_used"] = round(self.fraction_used, 4)
         d["fraction_vocab"] = round(self.fraction_vocab, 4)
@@ -112,10 +120,18 @@ class Adapter(ABC):
     default_batch_size: ClassVar[int] = 32
     #: module-name suffixes a LoRA adapter wraps (each a real module call on the forward path)
     lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: True when the model takes a ``--gene-key`` column with repeated ids as separate genes (as
+    #: Geneformer V1's tokenizer does); ``var_names`` must be unique for every model
+    allows_duplicate_genes: ClassVar[bool] = False
+    #: the model's options (``--option KEY=VALUE``), declared once; see :mod:`._options`
+    options_spec: ClassVar[tuple[Option, ...]] = ()
 
-    def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
+    def __init__(self, checkpoint: str | Path | None = None, *, trust_checkpoint: bool = False,
+                 **options: Any) -> None:
+        # options first: a mistyped option is refused before any file is looked at
+        self.options: dict[str, Any] = resolve_options(self.name, self.options_spec, options)
+        self.trust_checkpoint = bool(trust_checkpoint)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.options = dict(options)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         if self.checkpoint_layout is not None:

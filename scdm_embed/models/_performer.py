@@ -49,7 +49,6 @@ Two deliberate, documented choices:
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -65,6 +64,8 @@ from .._errors import CheckpointError, ScdmError
 from .._genes import GeneTable, looks_like_ensembl, strip_version
 from ._base import Adapter, CellChunk, GeneOverlap, sha256_file
 from ._checkpoint import require_keys, shape_mismatches
+from ._options import Option, greater_than
+from ._safe_load import read_npy, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -277,19 +278,11 @@ HEAD_LAYOUTS: dict[str, frozenset[str]] = {
 }
 
 
-def read_state_dict(path: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
     """The ``model_state_dict`` of a ``torch.save``d training checkpoint (or a bare state
-    dict); a uniform DDP ``module.`` prefix is removed."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{str(path)!r} is not readable with weights_only=True: damaged, or it needs "
-                              f"full unpickling ({str(err).splitlines()[0]})",
-                              "if the file is the trusted official checkpoint, pass trust_pickle=True; "
-                              "otherwise download it again") from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r} is not a readable torch checkpoint ({err})",
-                              "pass the official .pth checkpoint") from err
+    dict); a uniform DDP ``module.`` prefix is removed. Read with ``weights_only=True`` unless
+    ``trust`` (``--trust-checkpoint``)."""
+    raw = torch_load(path, trust=trust, what="the Performer checkpoint")
     if isinstance(raw, Mapping) and "model_state_dict" in raw:
         raw = raw["model_state_dict"]
     if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
@@ -463,23 +456,24 @@ class PerformerAdapter(Adapter):
     n_extra_positions: ClassVar[int] = 1
     #: module-name suffixes of the projections (for LoRA ``target_modules``)
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out")
-    #: options every Performer adapter accepts
-    base_options: ClassVar[frozenset[str]] = frozenset(
-        {"gene_list", "checkpoint_file", "gene2vec", "target_sum", "log_base", "trust_pickle"})
-    extra_options: ClassVar[frozenset[str]] = frozenset()
+    #: options every Performer adapter accepts (subclasses add theirs)
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("gene_list", Path, None, "the model's genes in model order (text/csv, or an h5ad whose var_names "
+               "define them); default: genes.txt beside the checkpoint"),
+        Option("checkpoint_file", Path, None, "checkpoint file name in the checkpoint folder (or an absolute "
+               "path); default: the official name, else the only *.pth/*.pt/*.ckpt"),
+        Option("gene2vec", Path, None, "gene2vec .npy, only cross-checked against the checkpoint's pos_emb; "
+               "default: the official file beside the checkpoint, when present"),
+        Option("target_sum", float, 1e4, "normalize_total target over the model's genes (preprocess.py)",
+               check=greater_than(0)),
+        Option("log_base", float, 2.0, "log1p base (preprocess.py passes 2); e for the natural log",
+               check=greater_than(1), aliases={"e": None}),
+    )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
-        known = self.base_options | self.extra_options
-        unknown = sorted(set(self.options) - known)
-        if unknown:
-            raise ScdmError(f"{self.name}: unknown option(s) {unknown}", f"use some of: {', '.join(sorted(known))}")
-        self.target_sum = float(self.options.get("target_sum", 1e4))
-        base = self.options.get("log_base", 2)
-        self.log_base: float | None = None if base in (None, "e", "none") else float(base)
-        if self.target_sum <= 0 or (self.log_base is not None and self.log_base <= 1):
-            raise ScdmError(f"{self.name}: target_sum must be > 0 and log_base > 1 (or 'e')",
-                            "use the defaults target_sum=1e4, log_base=2 (the original preprocess.py)")
+        self.target_sum: float = self.options["target_sum"]
+        self.log_base: float | None = self.options["log_base"]
         self.model: PerformerEncoder | None = None
         self.head_layout = ""
         self._ckpt_path: Path | None = None
@@ -495,7 +489,7 @@ class PerformerAdapter(Adapter):
         assert self.checkpoint is not None
         if self.checkpoint.is_file():
             return self.checkpoint
-        given = self.options.get("checkpoint_file")
+        given = self.options["checkpoint_file"]
         if given is not None:
             path = Path(given) if Path(given).is_absolute() else self.checkpoint / given
             if not path.is_file():
@@ -517,7 +511,7 @@ class PerformerAdapter(Adapter):
         return self._ckpt_file().parent
 
     def _gene_list_file(self) -> Path:
-        given = self.options.get("gene_list")
+        given = self.options["gene_list"]
         if given is not None:
             return Path(given)
         folder = self._ckpt_dir()
@@ -544,7 +538,7 @@ class PerformerAdapter(Adapter):
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
         """Read the checkpoint strictly, check it against the gene list (and gene2vec file)."""
         path = self._ckpt_file()
-        state = read_state_dict(path, trust_pickle=bool(self.options.get("trust_pickle", False)))
+        state = read_state_dict(path, trust=self.trust_checkpoint)
         enc, self.head_layout = build_encoder(state, path, model=self.name)
         n_genes = enc.config.n_positions - self.n_extra_positions
         genes = self.model_genes()
@@ -563,13 +557,13 @@ class PerformerAdapter(Adapter):
         """Model-specific checks of the architecture (token ids)."""
 
     def _check_gene2vec(self, enc: PerformerEncoder, n_genes: int) -> None:
-        given = self.options.get("gene2vec")
+        given = self.options["gene2vec"]
         path = Path(given) if given is not None else self._ckpt_dir() / self.gene2vec_name
         if given is None and not path.is_file():
             return  # optional: the checkpoint's pos_emb is what the original uses after load
         if not path.is_file():
             raise CheckpointError(f"gene2vec file {str(path)!r} does not exist", "pass gene2vec=PATH or leave it out")
-        g2v = np.load(path)
+        g2v = read_npy(path)
         if g2v.shape != (n_genes, enc.config.dim):
             raise CheckpointError(
                 f"{str(path)!r} has shape {g2v.shape} but the checkpoint expects ({n_genes}, {enc.config.dim})",

@@ -21,6 +21,7 @@ from sklearn.decomposition import PCA
 
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap
+from ._options import Option, at_least
 
 TARGET_SUM = 1e4
 SCALE_CLIP = 10.0
@@ -42,12 +43,18 @@ class FittedAdapter(Adapter):
     needs_counts: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 1024
     fits_pca: ClassVar[bool] = False
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("n_top_genes", int, 2000, "highly variable genes kept (seurat flavour), fitted once per store",
+               check=at_least(1)),
+        Option("max_fit_cells", int, 10_000, "at most this many cells (a seeded random subset) fit the reference",
+               check=at_least(1)),
+    )
 
     def __init__(self, checkpoint=None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
-        self.n_top_genes = int(self.options.get("n_top_genes", 2000))
-        self.n_comps = int(self.options.get("n_comps", 50))
-        self.max_fit_cells = int(self.options.get("max_fit_cells", 10_000))
+        self.n_top_genes: int = self.options["n_top_genes"]
+        self.n_comps: int = self.options.get("n_comps", 0)  # declared by pca only
+        self.max_fit_cells: int = self.options["max_fit_cells"]
         self.ref: dict[str, np.ndarray] | None = None
         self.ref_attrs: dict[str, Any] = {}
 
@@ -151,6 +158,10 @@ class PCAAdapter(FittedAdapter):
     name = "pca"
     description = "50-component PCA of log-normalised highly variable genes (no weights)"
     fits_pca = True
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        *FittedAdapter.options_spec,
+        Option("n_comps", int, 50, "principal components (capped by the fitted cells and genes)", check=at_least(1)),
+    )
 
     @property
     def dim(self) -> int:

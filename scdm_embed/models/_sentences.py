@@ -23,6 +23,7 @@ import torch
 
 from .._errors import CheckpointError
 from ._base import masked_mean
+from ._safe_load import check_torch_file
 
 
 def ranked_columns(
@@ -132,7 +133,21 @@ def read_hf_config(config_cls: Any, checkpoint: Path, *, fix: str) -> Any:
 
 def load_hf_weights(model_cls: Any, checkpoint: Path, *, what: str, fix: str, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     """``model_cls.from_pretrained`` on the local folder, quietly, with its loading info
-    (check it with :func:`check_loading_info`); any failure -> :class:`CheckpointError`."""
+    (check it with :func:`check_loading_info`); any failure -> :class:`CheckpointError`.
+
+    ``model.safetensors`` is preferred (as transformers does); a ``pytorch_model*.bin`` is never
+    fully unpickled: it is scanned for globals ``weights_only`` refuses first, then loaded with
+    ``weights_only=True`` (forced, whatever ``kwargs`` say)."""
+    folder = Path(checkpoint)
+    if folder.is_dir() and not any(folder.glob("model*.safetensors*")):
+        for bin_file in sorted(folder.glob("pytorch_model*.bin")):
+            check_torch_file(bin_file, fix="re-download it from the official source (prefer its "
+                             "model.safetensors, which cannot hold code)")
+    kwargs["weights_only"] = True
+    # shape mismatches come back in the loading info, where check_loading_info names each tensor
+    # with both shapes; without this transformers raises "look at the above report", a report
+    # that quiet_hf keeps from being printed
+    kwargs.setdefault("ignore_mismatched_sizes", True)
     try:
         with quiet_hf():
             return model_cls.from_pretrained(str(checkpoint), output_loading_info=True, local_files_only=True,
@@ -154,7 +169,7 @@ def check_loading_info(
     the accepted ones are returned, sorted.
     """
     missing = sorted(info.get("missing_keys") or [])
-    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
+    mismatched = sorted(_mismatch(k) for k in info.get("mismatched_keys") or [])
     unexpected = sorted(info.get("unexpected_keys") or [])
     allowed = [k for k in unexpected if allow_unexpected is not None and allow_unexpected(k)]
     rejected = [k for k in unexpected if k not in allowed]
@@ -169,6 +184,14 @@ def check_loading_info(
         raise CheckpointError(f"checkpoint {str(checkpoint)!r} does not match its config ("
                               + "; ".join(problems) + ")", fix)
     return allowed
+
+
+def _mismatch(entry: Any) -> str:
+    """A ``(key, checkpoint shape, config shape)`` entry of transformers' loading info, readable."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        key, ckpt, model = entry
+        return f"{key} (checkpoint {tuple(ckpt)} vs config {tuple(model)})"
+    return str(entry)
 
 
 def zeroed_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

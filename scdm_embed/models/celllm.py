@@ -44,6 +44,7 @@ import torch
 
 from .._errors import CheckpointError, ScdmError
 from ._base import CellChunk, masked_mean
+from ._options import Option, at_least
 from ._performer import PerformerAdapter, PerformerConfig, bin_values
 
 
@@ -54,7 +55,8 @@ class CellLMAdapter(PerformerAdapter):
     Options (keyword-only): ``gene_list`` (PATH of the 19,379 genes in model order; default
     ``genes.txt`` beside the checkpoint), ``checkpoint_file``, ``gene2vec`` (PATH, cross-check
     only), ``max_seq_len`` (6000, the config's; sets truncation and the pad count),
-    ``target_sum`` (1e4), ``log_base`` (2; ``'e'`` for natural log), ``trust_pickle``.
+    ``target_sum`` (1e4), ``log_base`` (2; ``'e'`` for natural log). Full unpickling of a
+    trusted checkpoint only with ``--trust-checkpoint``.
     """
 
     name: ClassVar[str] = "celllm"
@@ -72,13 +74,15 @@ class CellLMAdapter(PerformerAdapter):
     checkpoint_names: ClassVar[tuple[str, ...]] = ("checkpoint4_fixed.pth", "celllm.pth")
     gene2vec_name: ClassVar[str] = "gene2vec_19379_512.npy"
     n_extra_positions: ClassVar[int] = 2
-    extra_options: ClassVar[frozenset[str]] = frozenset({"max_seq_len"})
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        *PerformerAdapter.options_spec,
+        Option("max_seq_len", int, 6000, "the config's max_seq_len: truncation (CLS + genes) and the pad count",
+               check=at_least(2)),
+    )
 
     def __init__(self, checkpoint: Any = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
-        self.max_seq_len = int(self.options.get("max_seq_len", 6000))
-        if self.max_seq_len < 2:
-            raise ScdmError("celllm: max_seq_len must be >= 2", "use the config's max_seq_len=6000")
+        self.max_seq_len: int = self.options["max_seq_len"]
         self.pad_token = self.cls_token = self.max_bin = -1
         self.cls_gene = self.pad_gene = -1
 

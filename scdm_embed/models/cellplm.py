@@ -51,6 +51,8 @@ from torch import nn
 from .._errors import CheckpointError, InputError, ScdmError
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap, cell_seed
+from ._options import Option, at_least
+from ._safe_load import torch_load
 
 _CONFIG_SUFFIX = ".config.json"
 _CKPT_SUFFIX = ".best.ckpt"
@@ -351,12 +353,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a checkpoint problem
-        raise CheckpointError(f"cannot read the CellPLM checkpoint {str(path)!r}: {err}",
-                              "re-download the .best.ckpt released with the config") from err
+def _read_state_dict(path: Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
+    obj = torch_load(path, trust=trust, what="the CellPLM checkpoint")
     if not isinstance(obj, dict) or not isinstance(obj.get("model_state_dict"), dict):
         raise CheckpointError(f"{str(path)!r} has no 'model_state_dict' entry",
                               "use the .best.ckpt released with CellPLM")
@@ -401,19 +399,22 @@ class CellPLMAdapter(Adapter):
     pad_values: ClassVar[dict[str, int | float]] = {}
     batch_invariant: ClassVar[bool] = False
     default_batch_size: ClassVar[int] = 50_000
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("prefix", str, None, "which <prefix>.config.json / <prefix>.best.ckpt pair; default: the only one "
+               "in the folder"),
+        Option("batch_size", int, None, "cells per forward, i.e. the cells attending to each other; default "
+               "50,000 (as the original's score)", check=at_least(1)),
+        Option("cluster", str, "sample", "sample: per-cell seeded Gumbel draw of the GMVAE cluster (as the "
+               "original); argmax: the most likely cluster", choices=_CLUSTER_MODES),
+        Option("seed", int, 0, "global seed of the per-cell cluster draws"),
+    )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
-        bs = self.options.get("batch_size")
-        if bs is not None:
-            if int(bs) < 1:
-                raise ScdmError(f"cellplm batch_size must be >= 1 (got {bs!r})", "pass batch_size=N, N >= 1")
-            self.default_batch_size = int(bs)  # type: ignore[misc]  # instance override of the ClassVar
-        self._cluster_mode = str(self.options.get("cluster", "sample"))
-        if self._cluster_mode not in _CLUSTER_MODES:
-            raise ScdmError(f"unknown cellplm cluster mode {self._cluster_mode!r}",
-                            f"use cluster={' or cluster='.join(_CLUSTER_MODES)}")
-        self._seed = int(self.options.get("seed", 0))
+        if self.options["batch_size"] is not None:
+            self.default_batch_size = self.options["batch_size"]  # type: ignore[misc]  # instance override
+        self._cluster_mode: str = self.options["cluster"]
+        self._seed: int = self.options["seed"]
         self.model: CellPLMModel | None = None
         self.config: dict[str, Any] = {}
         self.gene_list: list[str] = []
@@ -425,7 +426,7 @@ class CellPLMAdapter(Adapter):
     # -- set-up ---------------------------------------------------------------------------
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
         assert self.checkpoint is not None
-        config_path, ckpt_path = _find_files(self.checkpoint, self.options.get("prefix"))
+        config_path, ckpt_path = _find_files(self.checkpoint, self.options["prefix"])
         self._prefix = config_path.name[: -len(_CONFIG_SUFFIX)]
         cfg = _read_config(config_path)
         self.config = {k: v for k, v in cfg.items() if k != "gene_list"}
@@ -435,7 +436,7 @@ class CellPLMAdapter(Adapter):
             enc_head=int(cfg.get("enc_head", 8)), post_latent_dim=int(cfg["post_latent_dim"]),
             num_clusters=int(cfg.get("num_clusters", 16)), norm=str(cfg.get("norm", "layernorm")),
             dropout=float(cfg.get("model_dropout", 0.1)))
-        state = _read_state_dict(ckpt_path)
+        state = _read_state_dict(ckpt_path, trust=self.trust_checkpoint)
         used = {k: v for k, v in state.items() if not k.startswith(_SKIP_PREFIXES)}
         expected = model.state_dict()
         unknown = sorted(set(used) - set(expected))

@@ -25,6 +25,7 @@ import torch
 from .._errors import CheckpointError
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap
+from ._options import Option, at_least
 from ._sentences import (
     check_loading_info,
     hf_offline,
@@ -74,6 +75,11 @@ class LanguageModelAdapter(Adapter):
     pad_values: ClassVar[dict[str, int]] = {"input_ids": 0}
     batch_invariant: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 16
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("n_genes", int, 1024, "top expressed gene symbols in the cell sentence", check=at_least(1)),
+        Option("max_length", int, None, "context in tokens (the smaller of this and the model's); "
+               "default: the model's context length", check=at_least(1)),
+    )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(_resolve(checkpoint), **options)
@@ -87,10 +93,7 @@ class LanguageModelAdapter(Adapter):
 
     @property
     def n_genes(self) -> int:
-        n = int(self.options.get("n_genes", 1024))
-        if n < 1:
-            raise ValueError(f"n_genes must be >= 1, got {n}")
-        return n
+        return int(self.options["n_genes"])
 
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
         """Read tokenizer and ``AutoModel`` from the local folder; strict on the base-model weights."""
@@ -138,8 +141,8 @@ class LanguageModelAdapter(Adapter):
         limits = [int(tokenizer.model_max_length)] if 0 < (tokenizer.model_max_length or 0) < _HUGE else []
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         limits += [int(getattr(cfg, k)) for k in _CONTEXT_KEYS if isinstance(getattr(cfg, k, None), int)]
-        if self.options.get("max_length") is not None:
-            limits.append(int(self.options["max_length"]))
+        if self.options["max_length"] is not None:
+            limits.append(self.options["max_length"])
         if not limits:
             raise CheckpointError("cannot tell the model's context length (no model_max_length or max_position_embeddings)",
                                   "pass max_length=N")
@@ -195,7 +198,7 @@ class LanguageModelAdapter(Adapter):
             "sentence": "gene symbols with value > 0, descending (ties in var order), joined by ' '",
             "tokenizer": type(tok).__name__ if tok is not None else None,
             "add_special_tokens": True,
-            "max_length": getattr(self, "_context", self.options.get("max_length")),
+            "max_length": getattr(self, "_context", self.options["max_length"]),
             "model_type": getattr(cfg, "model_type", None),
             "causal": getattr(self, "_causal", None),
             "pad_token_id": self.pad_values.get("input_ids"),

@@ -49,7 +49,7 @@ class ScBERTAdapter(PerformerAdapter):
     Options (keyword-only): ``gene_list`` (PATH of the model's gene list; default
     ``genes.txt`` beside the checkpoint), ``checkpoint_file`` (name in the folder),
     ``gene2vec`` (PATH, cross-check only), ``target_sum`` (1e4), ``log_base`` (2; ``'e'`` for
-    natural log), ``trust_pickle`` (full unpickling of a trusted checkpoint; default False).
+    natural log). Full unpickling of a trusted checkpoint only with ``--trust-checkpoint``.
     """
 
     name: ClassVar[str] = "scbert"

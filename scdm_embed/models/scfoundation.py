@@ -37,7 +37,6 @@ module that LoRA can wrap. Every projection is a real module call on the forward
 from __future__ import annotations
 
 import math
-import pickle
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,6 +52,8 @@ from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap, masked_max, masked_mean, sha256_file
 from ._checkpoint import require_keys, shape_mismatches
 from ._layers import encoder_layers
+from ._options import Option
+from ._safe_load import torch_load
 
 _CKPT_NAME = "models.ckpt"
 _GENE_INDEX_NAME = "OS_scRNA_gene_index.19264.tsv"
@@ -168,6 +169,15 @@ def _parse_tgthighres(spec: str) -> tuple[str, float]:
     return mode, amount
 
 
+def _check_tgthighres(spec: str) -> str | None:
+    """``check`` of the ``tgthighres`` option."""
+    try:
+        _parse_tgthighres(spec)
+    except ScdmError:
+        return "is not understood: use t<value> (target, e.g. t4), f<fold> (fold change) or a<add> (addition)"
+    return None
+
+
 # -- the adapter --------------------------------------------------------------------------------
 class ScFoundationAdapter(Adapter):
     """scFoundation (MaeAutobin) cell embeddings, as ``get_embedding.py --output_type cell``.
@@ -182,9 +192,10 @@ class ScFoundationAdapter(Adapter):
       ``a<x>``: T = log10(total)+x;
     - ``pre_normalized``: ``'F'`` (default, raw counts) or ``'T'`` (values already
       normalised + log1p; then total = sum of those values, as in the original);
-    - ``pool_type``: ``'all'`` (default, 4 x hidden) or ``'max'`` (max over all tokens);
-    - ``trust_pickle``: load the checkpoint with full unpickling (only for a trusted file
-      that ``torch.load(weights_only=True)`` refuses). Default False.
+    - ``pool_type``: ``'all'`` (default, 4 x hidden) or ``'max'`` (max over all tokens).
+
+    ``models.ckpt`` is read with ``torch.load(weights_only=True)``; full unpickling only with
+    ``trust_checkpoint=True`` (``--trust-checkpoint``).
     """
 
     name: ClassVar[str] = "scfoundation"
@@ -201,28 +212,29 @@ class ScFoundationAdapter(Adapter):
     default_batch_size: ClassVar[int] = 16
     #: module-name suffixes of the encoder's projections (for LoRA ``target_modules``)
     lora_targets: ClassVar[tuple[str, ...]] = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("gene_index", Path, None, f"the {_GENE_INDEX_NAME} file; default: beside the checkpoint file "
+               "or in its parent folder"),
+        Option("version", str, "ce", "ce (checkpoint entry 'cell') or rde (read-depth enhancement, entry 'rde'), "
+               "as get_embedding.py", choices=tuple(_VERSION_KEYS)),
+        Option("key", str, None, "checkpoint entry to read; default: the one of version"),
+        Option("tgthighres", str, "t4", "t<x>: T = x; f<x>: T = log10(total*x); a<x>: T = log10(total)+x",
+               check=_check_tgthighres),
+        Option("pre_normalized", str, "F", "F: raw counts; T: values already normalised + log1p (total = their "
+               "sum); the original's A (total count as an extra column) does not fit gene alignment",
+               choices=("F", "T")),
+        Option("pool_type", str, "all", "all: concat[S, T, max, mean] (4 x hidden); max: max over all tokens",
+               choices=("all", "max")),
+    )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
-        known = {"gene_index", "version", "key", "tgthighres", "pre_normalized", "pool_type", "trust_pickle"}
-        unknown = sorted(set(self.options) - known)
-        if unknown:
-            raise ScdmError(f"scfoundation: unknown option(s) {unknown}", f"use some of: {', '.join(sorted(known))}")
-        self._tgt_mode, self._tgt_amount = _parse_tgthighres(str(self.options.get("tgthighres", "t4")))
-        self._pre_normalized = str(self.options.get("pre_normalized", "F")).upper()
-        if self._pre_normalized not in ("F", "T"):
-            raise ScdmError(f"scfoundation: pre_normalized={self._pre_normalized!r} is not supported",
-                            "use 'F' (raw counts) or 'T' (normalised + log1p values); 'A' (total count "
-                            "as an extra column) does not fit gene alignment")
+        self._tgt_mode, self._tgt_amount = _parse_tgthighres(self.options["tgthighres"])
+        self._pre_normalized: str = self.options["pre_normalized"]
         if self._pre_normalized == "T":
             self.needs_counts = False  # instance override: values are normalised already
-        self._pool_type = str(self.options.get("pool_type", "all"))
-        if self._pool_type not in ("all", "max"):
-            raise ScdmError(f"scfoundation: pool_type={self._pool_type!r} is not supported", "use 'all' or 'max'")
-        version = str(self.options.get("version", "ce"))
-        if version not in _VERSION_KEYS:
-            raise ScdmError(f"scfoundation: version={version!r} is not supported", "use 'ce' (cell) or 'rde'")
-        self._key = str(self.options.get("key", _VERSION_KEYS[version]))
+        self._pool_type: str = self.options["pool_type"]
+        self._key: str = self.options["key"] or _VERSION_KEYS[self.options["version"]]
         self._cfg: dict[str, Any] = {}
         self._genes: np.ndarray | None = None
         self._gene_index_path: Path | None = None
@@ -243,7 +255,7 @@ class ScFoundationAdapter(Adapter):
                               f"pass --checkpoint DIR holding the official scFoundation {_CKPT_NAME}")
 
     def _gene_index_file(self) -> Path:
-        given = self.options.get("gene_index")
+        given = self.options["gene_index"]
         if given is not None:
             path = Path(given)
             if not path.is_file():
@@ -275,14 +287,7 @@ class ScFoundationAdapter(Adapter):
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
         """Read the ``key`` entry of ``models.ckpt`` strictly (as ``load_model_frommmf``)."""
         path = self._ckpt_file()
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=not self.options.get("trust_pickle", False))
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(f"{str(path)!r} cannot be read with weights_only=True ({err})",
-                                  "if the file is the trusted official checkpoint, pass trust_pickle=True") from err
-        except (RuntimeError, OSError, EOFError) as err:
-            raise CheckpointError(f"{str(path)!r} is not a readable torch checkpoint ({err})",
-                                  f"use the official scFoundation {_CKPT_NAME}") from err
+        raw = torch_load(path, trust=self.trust_checkpoint, what="the scFoundation checkpoint")
         if not isinstance(raw, dict) or self._key not in raw:
             found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
             raise CheckpointError(f"{str(path)!r} has no {self._key!r} entry (found: {found})",

@@ -43,10 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import CheckpointError, ScdmError
+from .._errors import CheckpointError
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap, cell_seed, first_token
 from ._layers import Encoder
+from ._options import Option, at_least
+from ._safe_load import torch_load
 
 _FILES = ("best_model.pt", "vocab.json", "args.json")
 _SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -223,12 +225,8 @@ def _heads(state: Mapping[str, torch.Tensor], n_layers_cls: int | None) -> dict[
     return heads
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CheckpointError(f"cannot read scGPT weights {str(path)!r}: {err}",
-                              "use the unmodified best_model.pt of the official scGPT checkpoint") from err
+def _load_state(path: Path, *, trust: bool = False) -> dict[str, torch.Tensor]:
+    state = torch_load(path, trust=trust, what="the scGPT weights")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{str(path)!r} is not a state_dict (name -> tensor)",
                               "use the best_model.pt of the official scGPT checkpoint (a plain state_dict)")
@@ -270,15 +268,18 @@ class ScGPTAdapter(Adapter):
     pad_values: ClassVar[Mapping[str, int | float]] = {"gene_ids": 0, "values": -2.0}
     batch_invariant: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 32
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("max_length", int, 1200, "tokens per cell: <cls> + up to max_length-1 sampled expressed genes "
+               "(as embed_data)", check=at_least(2)),
+        Option("seed", int, 0, "global seed of the per-cell gene sampling"),
+        Option("normalize", bool, True, "L2-normalise the <cls> embedding (as embed_data)"),
+    )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
-        self.max_length = int(self.options.get("max_length", 1200))
-        self.seed = int(self.options.get("seed", 0))
-        self.normalize = bool(self.options.get("normalize", True))
-        if self.max_length < 2:
-            raise ScdmError(f"scgpt: max_length must be >= 2 (<cls> + one gene), got {self.max_length}",
-                            "use the default max_length=1200 (as embed_data)")
+        self.max_length: int = self.options["max_length"]
+        self.seed: int = self.options["seed"]
+        self.normalize: bool = self.options["normalize"]
         self.model: ScGPTModel | None = None
         self.vocab: dict[str, int] = {}
         self.args: dict[str, Any] = {}
@@ -306,7 +307,7 @@ class ScGPTAdapter(Adapter):
         if pad_token not in vocab:
             raise CheckpointError(f"pad token {pad_token!r} is not in vocab.json", "use the matching vocab.json")
 
-        state = _load_state(self.checkpoint / "best_model.pt")
+        state = _load_state(self.checkpoint / "best_model.pt", trust=self.trust_checkpoint)
         n_cls_layers = args.get("n_layers_cls")
         model = ScGPTModel(n_tokens=len(vocab), d_model=int(args["embsize"]), n_heads=int(args["nheads"]),
                            d_hid=int(args["d_hid"]), n_layers=int(args["nlayers"]), dropout=float(args["dropout"]),

@@ -32,6 +32,7 @@ import torch
 from .._errors import CheckpointError
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap, hash_path
+from ._options import Option, at_least
 from ._sentences import (
     check_loading_info,
     hf_offline,
@@ -65,6 +66,11 @@ class TGPTAdapter(Adapter):
     pad_values: ClassVar[dict[str, int]] = {"input_ids": 0}
     batch_invariant: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 64
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("max_len", int, None, "tokens per cell (<bos> + genes + <eos>), 3 .. the model's n_positions; "
+               "default: n_positions", check=at_least(3)),
+        Option("tokenizer", Path, None, "tokenizer folder or tokenizer.json; default: the checkpoint folder's"),
+    )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
@@ -73,7 +79,7 @@ class TGPTAdapter(Adapter):
 
     # -- set-up ---------------------------------------------------------------------------
     def _tokenizer_dir(self) -> Path:
-        tok = self.options.get("tokenizer")
+        tok = self.options["tokenizer"]
         return Path(tok) if tok is not None else self.checkpoint
 
     def _check_files(self) -> None:
@@ -136,7 +142,7 @@ class TGPTAdapter(Adapter):
         self._pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id or 0)
         self.pad_values = {"input_ids": self._pad}
 
-        max_len = int(self.options.get("max_len", config.n_positions))
+        max_len = self.options["max_len"] if self.options["max_len"] is not None else int(config.n_positions)
         if not 3 <= max_len <= config.n_positions:
             raise CheckpointError(f"max_len={max_len} does not fit this tGPT model (3 .. {config.n_positions} positions)",
                                   f"use max_len <= {config.n_positions}")
@@ -190,7 +196,7 @@ class TGPTAdapter(Adapter):
     # -- description ----------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         return {
-            "max_len": getattr(self, "_max_len", self.options.get("max_len")),
+            "max_len": getattr(self, "_max_len", self.options["max_len"]),
             "n_genes": getattr(self, "_max_len", 64) - 2,
             "ranking": "value desc (raw counts), stable: ties in var order; genes with value > 0 in the vocabulary",
             "symbol_normalisation": "'-' and '.' -> '_'",
@@ -198,6 +204,6 @@ class TGPTAdapter(Adapter):
             "special_ids": {"bos": getattr(self, "_bos", None), "eos": getattr(self, "_eos", None),
                             "pad": getattr(self, "_pad", None)},
             "pooling": "mean of last_hidden_state over gene tokens (positions 1..eos-1)",
-            "tokenizer": "option" if self.options.get("tokenizer") else "checkpoint",
+            "tokenizer": "option" if self.options["tokenizer"] else "checkpoint",
             "tokenizer_hash": getattr(self, "_tokenizer_hash", None),
         }

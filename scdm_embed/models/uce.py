@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +37,8 @@ from .._errors import CheckpointError, InputError
 from .._genes import GeneTable
 from ._base import Adapter, CellChunk, GeneOverlap, cell_seed
 from ._layers import Encoder
+from ._options import Option, at_least
+from ._safe_load import read_pickle, torch_load
 
 #: species -> protein-embedding file (``get_species_to_pe`` of the original)
 _SPECIES_FILES: dict[str, str] = {
@@ -127,16 +128,9 @@ class UCEModel(nn.Module):
 
 
 # -- checkpoint helpers ------------------------------------------------------------------------
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` on CPU, memory-mapped where the file format allows it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - e.g. the legacy (non-zip) format cannot be mapped
-        pass
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is a checkpoint problem
-        raise CheckpointError(f"cannot read {str(path)!r}: {err}", _FIX) from err
+def _torch_load(path: Path, *, trust: bool = False) -> Any:
+    """A torch file on CPU (``weights_only`` unless ``trust``), memory-mapped where the format allows."""
+    return torch_load(path, trust=trust, mmap=True, what="the UCE file")
 
 
 def _model_files(root: Path) -> Path:
@@ -191,25 +185,33 @@ class UCEAdapter(Adapter):
     pad_values: ClassVar[dict[str, int]] = {"input_ids": _PAD}
     batch_invariant: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 32
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("species", str, "human", "species of the dataset's genes (its protein-embedding file)",
+               choices=tuple(_SPECIES_FILES)),
+        Option("seed", int, 0, "global seed of the per-cell gene sampling"),
+        Option("sample_size", int, 1024, "genes sampled per cell (with replacement, by expression)",
+               check=at_least(1)),
+        Option("pad_length", int, 1536, "longest allowed sentence in tokens", check=at_least(1)),
+        Option("model_file", str, None, "name of the model .torch in model_files/; default: the only one there"),
+        Option("nhead", int, None, f"attention heads; default: uce_args.json's, else {_DEFAULT_NHEAD}",
+               check=at_least(1)),
+        Option("chrom_token_offset", int, None, "first chromosome token row (CHROM_TOKEN_OFFSET); default: "
+               f"uce_args.json's, else {_DEFAULT_CHROM_TOKEN_OFFSET}", check=at_least(0)),
+    )
 
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
-        self.species = str(self.options.get("species", "human"))
-        self.seed = int(self.options.get("seed", 0))
-        self.sample_size = int(self.options.get("sample_size", 1024))
-        self.pad_length = int(self.options.get("pad_length", 1536))
-        if self.species not in _SPECIES_FILES:
-            raise InputError(f"UCE has no species {self.species!r}",
-                             f"use species= one of: {', '.join(_SPECIES_FILES)}")
-        if self.sample_size < 1:
-            raise InputError("UCE sample_size must be >= 1", "use sample_size=1024 (the original's)")
+        self.species: str = self.options["species"]
+        self.seed: int = self.options["seed"]
+        self.sample_size: int = self.options["sample_size"]
+        self.pad_length: int = self.options["pad_length"]
         self.model: UCEModel | None = None
         self._cfg: dict[str, Any] = {}
         self._dim: int | None = None
 
     # -- loading --------------------------------------------------------------------------
     def _model_path(self, files: Path) -> Path:
-        name = self.options.get("model_file")
+        name = self.options["model_file"]
         if name is not None:
             return _need(files / str(name), "the model file named by model_file")
         cands = sorted(p for p in files.glob("*.torch") if p.name != "all_tokens.torch")
@@ -239,7 +241,7 @@ class UCEAdapter(Adapter):
         off_path = _need(files / "species_offsets.pkl", "species_offsets.pkl")
         args = self._args_json(files)
 
-        sd = _torch_load(model_path)
+        sd = _torch_load(model_path, trust=self.trust_checkpoint)
         if not isinstance(sd, dict):
             raise CheckpointError(f"{str(model_path)!r} is not a state dict", _FIX)
         for key in ("encoder.0.weight", "decoder.3.weight", "pos_encoder.pe", "pe_embedding.weight"):
@@ -251,7 +253,7 @@ class UCEAdapter(Adapter):
         if nlayers == 0 or "transformer_encoder.layers.0.linear1.weight" not in sd:
             raise CheckpointError(f"UCE checkpoint {model_path.name!r} has no transformer layers", _FIX)
         d_hid = sd["transformer_encoder.layers.0.linear1.weight"].shape[0]
-        nhead = int(self.options.get("nhead", args.get("nhead", _DEFAULT_NHEAD)))
+        nhead = self.options["nhead"] or int(args.get("nhead", _DEFAULT_NHEAD))
         for k, v in (("token_dim", token_dim), ("d_model", d_model), ("d_hid", d_hid), ("nlayers", nlayers),
                      ("output_dim", output_dim)):
             if k in args and int(args[k]) != int(v):
@@ -263,7 +265,7 @@ class UCEAdapter(Adapter):
         # token table, as run_eval: the token file (plus 1,895 chromosome rows when it is the
         # official 143,574-row file) replaces the checkpoint's pe_embedding unless that makes
         # exactly 145,469 rows, in which case the checkpoint's own table is used
-        tokens = _torch_load(tok_path)
+        tokens = _torch_load(tok_path, trust=self.trust_checkpoint)
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
             raise CheckpointError(f"{str(tok_path)!r} is not a 2-D token table", _FIX)
         n_rows = tokens.shape[0] + (_N_CHROM_ROWS if tokens.shape[0] == _TOKEN_FILE_ROWS else 0)
@@ -291,11 +293,13 @@ class UCEAdapter(Adapter):
         model.pe_embedding = nn.Embedding.from_pretrained(_norm_rows(table), freeze=True)
 
         # species gene files
-        pe = _torch_load(pe_path)
+        pe = _torch_load(pe_path, trust=self.trust_checkpoint)
         if not isinstance(pe, dict) or not pe:
             raise CheckpointError(f"{str(pe_path)!r} is not a {{symbol: embedding}} dict", _FIX)
-        with open(off_path, "rb") as fh:
-            offsets = pickle.load(fh)
+        offsets = read_pickle(off_path, trust=self.trust_checkpoint, what="the UCE species offsets")
+        if not isinstance(offsets, dict):
+            raise CheckpointError(f"{str(off_path)!r} is not a {{species: offset}} dict "
+                                  f"(it holds a {type(offsets).__name__})", _FIX)
         if self.species not in offsets:
             raise CheckpointError(f"species_offsets.pkl has no offset for {self.species!r}", _FIX)
         chrom = pd.read_csv(csv_path, dtype={"chromosome": str})
@@ -303,8 +307,9 @@ class UCEAdapter(Adapter):
         if not need_cols <= set(chrom.columns):
             raise CheckpointError(f"species_chrom.csv lacks columns {sorted(need_cols - set(chrom.columns))}", _FIX)
         spec_chrom = pd.Categorical(chrom["species"] + "_" + chrom["chromosome"])
-        chrom_offset = int(self.options.get("chrom_token_offset",
-                                            args.get("CHROM_TOKEN_OFFSET", _DEFAULT_CHROM_TOKEN_OFFSET)))
+        chrom_offset = self.options["chrom_token_offset"]
+        if chrom_offset is None:
+            chrom_offset = int(args.get("CHROM_TOKEN_OFFSET", _DEFAULT_CHROM_TOKEN_OFFSET))
         if chrom_offset + len(spec_chrom.categories) > table.shape[0]:
             raise CheckpointError(
                 f"chromosome tokens {chrom_offset}..{chrom_offset + len(spec_chrom.categories) - 1} lie beyond "
@@ -315,7 +320,11 @@ class UCEAdapter(Adapter):
         vocab: dict[str, int] = {}
         for k in pe:
             vocab.setdefault(str(k).upper(), len(vocab))
-        offset = int(offsets[self.species])
+        try:
+            offset = int(offsets[self.species])
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{str(off_path)!r}: the {self.species} offset {offsets[self.species]!r} "
+                                  "is not an integer", _FIX) from None
         if offset + len(vocab) > table.shape[0]:
             raise CheckpointError(f"{self.species} genes (offset {offset}, {len(vocab)} genes) exceed the "
                                   f"{table.shape[0]}-row token table", _FIX)

@@ -112,5 +112,6 @@ def test_vocabulary_overlap_refusal(fixtures_dir, tmp_path, vocab_dir):
         extract(tmp_path / "mouse.h5ad", model="geneformer", store=tmp_path / "s.zarr", progress=False,
                 checkpoint=fixtures_dir / "geneformer" / "checkpoint",
                 model_options={"token_dictionary": gf / "token_dictionary_gc30M.pkl",
-                               "gene_median_dictionary": gf / "gene_median_dictionary_gc30M.pkl"})
+                               "gene_median_dictionary": gf / "gene_median_dictionary_gc30M.pkl",
+                               "map_symbols": True})  # look the symbols up: none is human
     assert not (tmp_path / "s.zarr").exists()

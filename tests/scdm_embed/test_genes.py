@@ -41,3 +41,23 @@ def test_gene_table_prefers_given_ensembl(pc9_path):
     has = np.array([g.startswith("ENS") for g in given])
     assert (gt.ensembl[has] == given[has]).all()
     assert (gt.ensembl != "").sum() >= has.sum()
+
+
+def test_gene_table_keeps_what_was_given():
+    """``ensembl`` is filled offline (and flagged in ``mapped``); the raw ids and
+    ``var['ensembl_id']`` are kept as stored, for adapters that must not look anything up."""
+    var = pd.DataFrame({"ensembl_id": ["ENSG00000141510.17", "", "ENSG00000141510.17"],
+                        "sym": ["TP53", "EGFR", "TP53"]}, index=["TP53", "EGFR", "TP53-dup"])
+    gt = GeneTable.from_var(var)
+    assert list(gt.ensembl) == ["ENSG00000141510", "ENSG00000146648", "ENSG00000141510"]
+    assert list(gt.mapped_mask) == [False, True, False]
+    assert list(gt.var_ensembl_id) == ["ENSG00000141510.17", "", "ENSG00000141510.17"]
+    assert list(gt.given_ids) == ["TP53", "EGFR", "TP53-dup"] and gt.id_source == "var_names"
+    by_key = GeneTable.from_var(var, gene_key="ensembl_id")
+    assert by_key.id_source == "ensembl_id" and by_key.given_ids[0] == "ENSG00000141510.17"
+    sub = gt.subset(np.array([2, 1]))
+    assert list(sub.symbols) == ["TP53-dup", "EGFR"] and list(sub.mapped_mask) == [False, True]
+    assert list(sub.var_ensembl_id) == ["ENSG00000141510.17", ""]
+    # a table built by hand: nothing flagged as looked up
+    hand = GeneTable(symbols=np.array(["A"], dtype=object), ensembl=np.array(["ENSG00000141510"], dtype=object))
+    assert hand.given_ids is None and not hand.mapped_mask.any()

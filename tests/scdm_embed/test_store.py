@@ -109,11 +109,13 @@ def test_reference_fitted_once_per_store(tmp_path, pc9_small):
     """The second dataset reuses the first one's genes and basis, so coordinates agree."""
     path = tmp_path / "s.zarr"
     a = ad.read_h5ad(pc9_small)
-    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")
+    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")  # all sensitive: pooled with b (all resistant)
     a[120:].copy().write_h5ad(tmp_path / "b.h5ad")
-    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", progress=False)
+    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", progress=False,
+            allow_single_class=True)
     ref1 = EmbeddingStore(path).get_reference("pca")
-    extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", progress=False)
+    extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", progress=False,
+            allow_single_class=True)
     ref2 = EmbeddingStore(path).get_reference("pca")
     np.testing.assert_array_equal(ref1[0]["components"], ref2[0]["components"])
     assert ref2[1]["fitted_on"].endswith("a.h5ad")
@@ -129,10 +131,12 @@ def test_load_keeps_the_order_of_interleaved_cells(tmp_path, pc9_small):
     """Cells from several datasets in any order come back row-aligned with the table."""
     path = tmp_path / "s.zarr"
     a = ad.read_h5ad(pc9_small)
-    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")
+    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")  # all sensitive: pooled with b (all resistant)
     a[120:].copy().write_h5ad(tmp_path / "b.h5ad")
-    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", progress=False)
-    extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", progress=False)
+    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", progress=False,
+            allow_single_class=True)
+    extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", progress=False,
+            allow_single_class=True)
     st = EmbeddingStore(path)
     X, cells = st.load("pca")
     pick = [cells.index[130], cells.index[5], cells.index[200], cells.index[6]]
@@ -146,9 +150,11 @@ def test_named_reference_is_used_and_a_different_one_refused(tmp_path, pc9_small
     a[:120].copy().write_h5ad(tmp_path / "a.h5ad")
     a[120:].copy().write_h5ad(tmp_path / "b.h5ad")
     path = tmp_path / "s.zarr"
-    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", reference=pc9_small, progress=False)
+    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", reference=pc9_small, progress=False,
+            allow_single_class=True)
     _, attrs = EmbeddingStore(path).get_reference("pca")
     assert attrs["fitted_on"] == str(pc9_small) and attrs["n_cells_used"] == 240
     with pytest.raises(StaleCacheError, match="reference was fitted on"):
-        extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", reference=tmp_path / "b.h5ad", progress=False)
+        extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", reference=tmp_path / "b.h5ad", progress=False,
+                allow_single_class=True)
     assert "b" not in EmbeddingStore(path).datasets()

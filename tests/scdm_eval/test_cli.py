@@ -24,7 +24,8 @@ def _ok(args):
 def _fails(args, *needles):
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
     for n in needles:
         assert n in r.output, (n, r.output)
     return r

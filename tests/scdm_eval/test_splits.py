@@ -49,6 +49,7 @@ def test_grouped_folds_never_split_a_sample(cells):
     s = compute_splits(cells, folds=3, group_key="sample", seed=0)
     per_sample = s.table.groupby(cells["sample"].to_numpy())["fold"].nunique()
     assert (per_sample == 1).all()
+    assert len(s) == 3
     for p in s:  # both classes in every training set and every test fold
         assert set(cells["label"].to_numpy()[p.train]) == {0, 1}
         assert set(cells["label"].to_numpy()[p.test]) == {0, 1}

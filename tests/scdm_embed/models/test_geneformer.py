@@ -4,7 +4,6 @@ batch invariance, determinism, strict loading, and the gene overlap on PC9."""
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from functools import partial
 from pathlib import Path
@@ -17,12 +16,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scdm_embed._batching import collate, embed_matrix
-from scdm_embed._errors import CheckpointError, ScdmError
+from scdm_embed._errors import CheckpointError, InputError, ScdmError
 from scdm_embed._genes import GeneTable
 from scdm_embed.models import get_adapter
+from scdm_embed.models._base import CellChunk
 from scdm_embed.models.geneformer import GeneformerAdapter
 
-from ._shared import CPU, exact_genes, load_adapter, make_chunk, read_cells
+from ._shared import (
+    CPU,
+    geneformer_v2_tokens,
+    load_adapter,
+    make_chunk,
+    read_cells,
+    read_pickle_dict,
+)
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -50,8 +57,9 @@ def cells(fx: Path) -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def genes(cells: ad.AnnData) -> GeneTable:
-    """The genes exactly as the original tokenizer saw them: ``var.ensembl_id`` only."""
-    return exact_genes(cells)
+    """The genes as the CLI builds them (``read_input``); the adapter reads ``var.ensembl_id``
+    from it as the original tokenizer does."""
+    return GeneTable.from_var(cells.var)
 
 
 _load = partial(load_adapter, GeneformerAdapter)  # (path, genes=None, **options)
@@ -137,41 +145,12 @@ def test_empty_cell_gets_zero_embedding(v1: GeneformerAdapter, cells: ad.AnnData
 
 
 # -- V2: gc95M dictionaries, tiny random model ----------------------------------------------------
-def _pickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        return pickle.load(fh)
-
-
-def _naive_v2(X: sp.csr_matrix, ens: np.ndarray, gc95m_dir: Path, n_genes: int) -> list[np.ndarray]:
-    """Per-cell re-statement of the newer Geneformer tokenizer (collapse ids, sum, rank)."""
-    tok, med, mapping = (_pickle(gc95m_dir / f"{n}_gc95M.pkl")
-                         for n in ("token_dictionary", "gene_median_dictionary", "ensembl_mapping_dict"))
-    mapping = {k: v for k, v in mapping.items() if v in tok and v in med}
-    collapsed = [mapping.get(str(e).upper()) for e in ens]
-    order: list[str] = []
-    for c in collapsed:
-        if c is not None and c not in order:
-            order.append(c)
-    pos = {g: k for k, g in enumerate(order)}
-    feat = np.array([-1 if c is None else pos[c] for c in collapsed])
-    used = feat >= 0
-    out = []
-    for r in range(X.shape[0]):
-        row = X[r].toarray().ravel().astype(np.float64)
-        summed = np.bincount(feat[used], weights=row[used], minlength=len(order))
-        v = summed / row.sum() * 10_000 / np.array([med[g] for g in order])
-        nz = np.flatnonzero(v)
-        ranked = nz[np.argsort(-v[nz], kind="stable")][:n_genes]
-        out.append(np.array([tok["<cls>"], *[tok[order[k]] for k in ranked], tok["<eos>"]], dtype=np.int64))
-    return out
-
-
 @pytest.fixture(scope="module")
 def v2_ckpt(tmp_path_factory: pytest.TempPathFactory, gc95m_dir: Path) -> Path:
     """A tiny random V2 model in the official folder layout, dictionaries inside it."""
     from transformers import BertConfig, BertForMaskedLM
 
-    n_vocab = len(_pickle(gc95m_dir / "token_dictionary_gc95M.pkl"))
+    n_vocab = len(read_pickle_dict(gc95m_dir / "token_dictionary_gc95M.pkl"))
     d = tmp_path_factory.mktemp("gf_v2")
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=n_vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -189,22 +168,19 @@ def test_v2_tokenization(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, gene
     assert set(s["dictionaries"]) == {"token_dictionary", "gene_median_dictionary", "gene_name_id_dictionary",
                                       "ensembl_mapping_dictionary"}
     cls_id, eos_id = 2, 3
-    # real cells: tokens equal the per-cell re-statement of the original
+    # real cells: tokens equal the per-cell re-reading of the original, on var.ensembl_id as stored
     ov = a.prepare(genes)
     assert ov.n_data == 25077 and ov.n_data_used > 14_000 and ov.n_vocab == 20271
+    assert ov.details["columns_summed"] is True  # distinct given ids meet in the gc95M mapping
     toks = [t["input_ids"] for t in a.tokenize(_chunk(cells.X[:8], genes))]
-    # symbols without an Ensembl id are looked up in the checkpoint's gene_name_id dictionary
-    name_id = _pickle(gc95m_dir / "gene_name_id_dict_gc95M.pkl")
-    ens = [e or name_id.get(s) or name_id.get(s.upper()) or "" for s, e in zip(genes.symbols, genes.ensembl, strict=True)]
-    assert sum(map(bool, ens)) > sum(map(bool, genes.ensembl))
-    ref = _naive_v2(cells.X[:8], np.asarray(ens, dtype=object), gc95m_dir, 4094)
+    ref = geneformer_v2_tokens(cells.X[:8], cells.var["ensembl_id"].astype(str), gc95m_dir)
     for t, r in zip(toks, ref, strict=True):
         np.testing.assert_array_equal(t, r)
         assert t[0] == cls_id and t[-1] == eos_id
         assert not np.isin(t[1:-1], [0, 1, cls_id, eos_id]).any()
 
     # a synthetic cell with 5,000 vocabulary genes: truncated to <cls> + 4,094 genes + <eos>
-    tok = _pickle(gc95m_dir / "token_dictionary_gc95M.pkl")
+    tok = read_pickle_dict(gc95m_dir / "token_dictionary_gc95M.pkl")
     vocab_genes = [g for g in tok if g.startswith("ENSG")][:5000]
     ens = np.array([*vocab_genes, vocab_genes[0], "ENSG99999999999"], dtype=object)
     g = GeneTable(symbols=np.array([f"G{i}" for i in range(len(ens))], dtype=object), ensembl=ens)
@@ -213,19 +189,88 @@ def test_v2_tokenization(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, gene
     dense[1, 100:] = 0  # a short second cell
     X = sp.csr_matrix(dense)
     ov = a.prepare(g)
+    # no two DISTINCT ids meet: the original sums nothing, the repeated id stays its own column
     assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data) == (5002, 5001, 5000)
+    assert ov.details["columns_summed"] is False
     toks = [t["input_ids"] for t in a.tokenize(_chunk(X, g))]
     assert len(toks[0]) == 4096 and len(toks[1]) == 102
-    for t, r in zip(toks, _naive_v2(X, ens, gc95m_dir, 4094), strict=True):
+    for t, r in zip(toks, geneformer_v2_tokens(X, ens, gc95m_dir), strict=True):
         np.testing.assert_array_equal(t, r)
-    # the duplicated id was summed into one feature, so no token repeats
-    assert len(np.unique(toks[0])) == len(toks[0])
+    assert len(np.unique(toks[0])) < len(toks[0])
 
     # max_length option: 10 positions = <cls> + 8 genes + <eos>
     b = _load(v2_ckpt, max_length=10)
     b.prepare(g)
     t = b.tokenize(_chunk(X, g))[0]["input_ids"]
     np.testing.assert_array_equal(t, toks[0][:9].tolist() + [eos_id])
+
+
+def test_v2_collision_sums_columns(v2_ckpt: Path, gc95m_dir: Path) -> None:
+    """Two distinct given ids that the mapping sends to one id: every id's columns are summed
+    (the repeated id too), the summed ids ranked after the unique ones on ties, lower case
+    upper-cased, as ``sum_ensembl_ids``."""
+    tok = read_pickle_dict(gc95m_dir / "token_dictionary_gc95M.pkl")
+    mapping = read_pickle_dict(gc95m_dir / "ensembl_mapping_dict_gc95M.pkl")
+    alias, target = next((k, v) for k, v in mapping.items() if k != v and v in tok and k.startswith("ENSG"))
+    others = [g for g in tok if g.startswith("ENSG") and g != target and mapping.get(g) == g][:40]
+    ens = np.array([target, *others, alias, others[0], others[1].lower(), "ENSG99999999999"], dtype=object)
+    g = GeneTable(symbols=np.array([f"G{i}" for i in range(len(ens))], dtype=object), ensembl=ens)
+    a = _load(v2_ckpt, g)
+    ov = a.prepare(g)
+    assert ov.details["columns_summed"] is True
+    assert (ov.n_data_used, ov.n_vocab_in_data) == (len(ens) - 1, 41)
+    rng = np.random.default_rng(1)
+    X = sp.csr_matrix(rng.integers(0, 4, size=(6, len(ens))).astype(np.float32))  # many ties
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(X, g))]
+    for t, r in zip(toks, geneformer_v2_tokens(X, ens, gc95m_dir), strict=True):
+        np.testing.assert_array_equal(t, r)
+        assert len(np.unique(t)) == len(t)  # one token per id
+
+
+def test_map_symbols(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, genes: GeneTable) -> None:
+    """``map_symbols``: ids missing from var.ensembl_id are looked up by symbol (gene_name_id
+    dictionary first, then the offline table); more genes, counted in the overlap report."""
+    plain = _load(v2_ckpt).prepare(genes)
+    a = _load(v2_ckpt, map_symbols=True)
+    ov = a.prepare(genes)
+    assert a.settings()["map_symbols"] is True and plain.details["map_symbols"] is False
+    assert ov.n_data_used - plain.n_data_used == ov.details["used_by_symbol"] > 0
+    name_id = read_pickle_dict(gc95m_dir / "gene_name_id_dict_gc95M.pkl")
+    given = cells.var["ensembl_id"].astype(str).to_numpy()
+    ens = [e if e.startswith("ENSG") else (name_id.get(s) or name_id.get(s.upper()) or o)
+           for e, s, o in zip(given, genes.symbols, genes.ensembl, strict=True)]
+    via = ov.details["resolved_via"]
+    assert ov.details["resolved_by_symbol"] == sum(via.values()) == sum(e != "" for e in ens) - sum(given != "")
+    assert via["gene_name_id_dictionary"] > 0 and via["offline_table"] > 0
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(cells.X[:4], genes))]
+    for t, r in zip(toks, geneformer_v2_tokens(cells.X[:4], ens, gc95m_dir), strict=True):
+        np.testing.assert_array_equal(t, r)
+
+
+def test_symbols_only_refused_unless_map_symbols(v1: GeneformerAdapter, cells: ad.AnnData) -> None:
+    var = cells.var.drop(columns=["ensembl_id"])
+    with pytest.raises(InputError, match="ensembl_id") as e:
+        v1.prepare(GeneTable.from_var(var))
+    assert "map_symbols=true" in str(e.value)
+    # a var column of Ensembl ids under another name is suggested as --gene-key
+    var["gene_ids"] = cells.var["ensembl_id"].astype(str).to_numpy()
+    with pytest.raises(InputError) as e:
+        v1.prepare(GeneTable.from_var(var))
+    assert "--gene-key gene_ids" in str(e.value)
+    assert v1.prepare(GeneTable.from_var(var, gene_key="gene_ids")).n_data_used == 14181
+
+
+def test_cell_total_from_n_counts(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
+    """``obs["n_counts"]`` (carried in the chunk) is the total; bad values are refused."""
+    X = cells.X[:4]
+    chunk = _chunk(X, genes)
+    n = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    same = v1.tokenize(CellChunk(X=chunk.X, cell_ids=chunk.cell_ids, genes=genes, n_counts=n))
+    for t, r in zip(same, v1.tokenize(chunk), strict=True):
+        np.testing.assert_array_equal(t["input_ids"], r["input_ids"])
+    for bad in (0.0, np.nan):
+        with pytest.raises(InputError, match="n_counts"):
+            v1.tokenize(CellChunk(X=chunk.X, cell_ids=chunk.cell_ids, genes=genes, n_counts=np.r_[n[:3], bad]))
 
 
 def test_v2_pooling(v2_ckpt: Path, cells: ad.AnnData, genes: GeneTable) -> None:
@@ -333,15 +378,17 @@ def test_bad_options(fx: Path, gc30m: dict[str, str], tmp_path: Path) -> None:
 def test_pc9_overlap(pc9_path: Path, fx: Path, gc30m: dict[str, str], vocab_dir: Path) -> None:
     var = ad.read_h5ad(pc9_path, backed="r").var
     a = _load(fx / "checkpoint", **gc30m)
-    # Ensembl ids as given in var: the README's 14,181 kept columns (14 ids occur twice)
+    # the CLI's table, default: var.ensembl_id as given, the README's 14,181 kept columns (14 ids twice)
+    ov = a.prepare(GeneTable.from_var(var))
+    assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data, ov.n_vocab) == (25077, 14181, 14167, 25424)
+    # a table built by hand: its ensembl column counts as given
     given = GeneTable(symbols=np.asarray(var.index, dtype=object),
                       ensembl=np.asarray(var["ensembl_id"].astype(str), dtype=object))
-    ov = a.prepare(given)
-    assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data, ov.n_vocab) == (25077, 14181, 14167, 25424)
-    # the engine's GeneTable also maps symbols without an id offline: more genes are used
-    ov_full = a.prepare(GeneTable.from_var(var))
-    assert ov_full.n_data_used == 14208
-    # with the checkpoint's gene name -> id dictionary, symbols still without an id are looked up
-    b = _load(fx / "checkpoint", gene_name_id_dictionary=str(vocab_dir / "geneformer" / "gc30M"
-                                                             / "gene_name_id_dict_gc30M.pkl"), **gc30m)
-    assert b.prepare(given).n_data_used == 14183
+    assert a.prepare(given).n_data_used == 14181
+    # map_symbols: the gene_name_id dictionary, then the offline table, fill the missing ids
+    b = _load(fx / "checkpoint", map_symbols=True,
+              gene_name_id_dictionary=str(vocab_dir / "geneformer" / "gc30M" / "gene_name_id_dict_gc30M.pkl"),
+              **gc30m)
+    ov = b.prepare(GeneTable.from_var(var))
+    assert (ov.n_data_used, ov.details["resolved_by_symbol"], ov.details["used_by_symbol"]) == (14208, 89, 27)
+    assert b.prepare(given).n_data_used == 14183  # by hand: only the dictionary (no offline table)

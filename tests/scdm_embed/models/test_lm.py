@@ -24,7 +24,7 @@ from scdm_embed.models._base import CellChunk
 from scdm_embed.models._sentences import ranked_genes
 from scdm_embed.models.lm import LanguageModelAdapter, minilm_checkpoint
 
-from ._shared import CPU, exact_genes, load_adapter, read_cells
+from ._shared import CPU, load_adapter, read_cells
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def cells(fixtures_dir: Path) -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def genes(cells: ad.AnnData) -> GeneTable:
-    return exact_genes(cells)
+    """The genes as the CLI builds them (``read_input``): the symbols are the var_names."""
+    return GeneTable.from_var(cells.var)
 
 
 def _keep_top(X: sp.csr_matrix, sizes: list[int]) -> sp.csr_matrix:

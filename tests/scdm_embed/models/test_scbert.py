@@ -152,7 +152,7 @@ def test_files_missing_or_mismatched_are_errors(tmp_path: Path, model_genes: lis
     (tmp_path / "panglao_pretrain.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="readable"):
         _adapter(tmp_path)
-    with pytest.raises(ScdmError, match="unknown option"):
+    with pytest.raises(ScdmError, match="unknown scbert option 'bins'"):
         get_adapter("scbert")(tmp_path, bins=3)
 
 

@@ -23,7 +23,7 @@ from scdm_embed.models._base import CellChunk
 from scdm_embed.models._sentences import ranked_columns, ranked_genes, wrap_sequences
 from scdm_embed.models.tgpt import TGPTAdapter
 
-from ._shared import exact_genes, load_adapter, read_cells
+from ._shared import load_adapter, read_cells
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def cells(fx: Path) -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def genes(cells: ad.AnnData) -> GeneTable:
-    return exact_genes(cells)
+    """The genes as the CLI builds them (``read_input``): the symbols are the var_names."""
+    return GeneTable.from_var(cells.var)
 
 
 _load = partial(load_adapter, TGPTAdapter)  # (path, genes=None, **options)

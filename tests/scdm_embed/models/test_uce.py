@@ -131,6 +131,7 @@ def test_tokenizer_structure(adapter: UCEAdapter, cells: ad.AnnData, genes: Gene
     sents = _tokenize(adapter, cells.X, cells.obs_names, genes)
     X = sp.csr_matrix(cells.X)
     names = np.array([s.upper() for s in cells.var_names])
+    assert len(sents) == cells.n_obs > 0
     for i, sent in enumerate(sents):
         assert sent.dtype == np.int64
         _check_sentence(sent, set(names[X[i].indices]), vocab, 1024)
