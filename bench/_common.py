@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from scdm_embed.locations import shared_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SCDM_SHARED", ROOT.parent / "shared"))
+SHARED = shared_dir()
 PC9 = SHARED / "data" / "gse149214_pc9_erlotinib" / "pc9_d11_erlotinib_qc200.h5ad"
-FIXTURES = SHARED / "reference_fixtures"
 OUT = ROOT / "bench" / "_out"
 
 
@@ -30,7 +30,7 @@ def peak_rss_mb() -> float:
 
 
 def table(title: str, rows: list[tuple], header: tuple) -> None:
-    print(f"\n## {title}")
+    print(f"\n## {title}", flush=True)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for r in (header, tuple("-" * w for w in widths), *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)))
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)), flush=True)

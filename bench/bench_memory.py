@@ -22,11 +22,10 @@ from _common import PC9, table  # noqa: E402
 
 CHILD = r"""
 import json, sys
-sys.path.insert(0, sys.argv[4])
-from models import FIXTURE_MODELS
 from scdm_embed import extract
+from scdm_embed.testing import fixture_models
 name = sys.argv[3]
-ckpt, opts = FIXTURE_MODELS.get(name, (None, {}))
+ckpt, opts = fixture_models().get(name, (None, {}))
 if name == "geneformer":
     opts = {**opts, "max_length": 256}
 r = extract(sys.argv[1], model=name, store=sys.argv[2], checkpoint=ckpt, model_options=opts, progress=False)
@@ -54,8 +53,8 @@ def main() -> None:
         for model in ("pca", "tgpt", "geneformer"):
             peaks = {}
             for n, f in files.items():
-                out = subprocess.run([sys.executable, "-c", CHILD, str(f), str(tmp / f"{model}_{n}.zarr"), model,
-                                      str(Path(__file__).resolve().parent)], capture_output=True, text=True, check=True)
+                out = subprocess.run([sys.executable, "-c", CHILD, str(f), str(tmp / f"{model}_{n}.zarr"), model],
+                                     capture_output=True, text=True, check=True)
                 peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((model, f"{peaks[2_000]['peak_rss_mb']:.0f}", f"{peaks[20_000]['peak_rss_mb']:.0f}",
                          f"{peaks[20_000]['peak_rss_mb'] / peaks[2_000]['peak_rss_mb']:.2f}x",

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import PC9, SHARED, table  # noqa: E402
-from models import FIXTURE_MODELS  # noqa: E402
 
-from tests.scdm_embed.models._performer_ckpt import (  # noqa: E402
+from scdm_embed.testing import (  # noqa: E402
+    fixture_models,
     scgpt_symbols,
     write_celllm_checkpoint,
     write_scbert_checkpoint,
@@ -36,7 +35,7 @@ def main() -> None:
     ckdir = STORE.parent / "_checkpoints"
     plan: dict[str, tuple[Path | str | None, dict]] = {"pca": (None, {}), "hvg": (None, {}),
                                                        "lm": ("minilm", {"n_genes": 48})}
-    plan |= FIXTURE_MODELS
+    plan |= fixture_models(SHARED)
     plan["scbert"] = (write_scbert_checkpoint(ckdir / "scbert", scgpt_symbols(SHARED / "vocab", 16906)), {})
     plan["celllm"] = (write_celllm_checkpoint(ckdir / "celllm", scgpt_symbols(SHARED / "vocab", 19379, skip=500)), {})
     rows = []

@@ -13,22 +13,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._errors import CheckpointError, InputError, ScdmError, StaleCacheError, StoreError
 from ._version import __version__
+from .errors import CheckpointError, InputError, ScdmError, StaleCacheError, StoreError
 
 _LAZY = {
-    "embed_matrix": "._batching",
+    "embed_matrix": ".runner",
+    "Runner": ".runner",
     "ExtractionResult": "._engine",
     "extract": "._engine",
-    "GeneTable": "._genes",
-    "ensembl_to_symbols": "._genes",
-    "symbols_to_ensembl": "._genes",
-    "LabelSpec": "._input",
-    "read_input": "._input",
+    "GeneTable": ".genes",
+    "ensembl_to_symbols": ".genes",
+    "symbols_to_ensembl": ".genes",
+    "LabelSpec": ".inputs",
+    "read_input": ".inputs",
     "store_table": "._inspect",
-    "DEFAULT_STORE": "._store",
-    "EmbeddingStore": "._store",
+    "DEFAULT_STORE": ".store",
+    "EmbeddingStore": ".store",
     "Adapter": ".models",
+    "GenePlan": ".models",
+    "Option": ".models",
     "available_models": ".models",
     "get_adapter": ".models",
     "register_adapter": ".models",

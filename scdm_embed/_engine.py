@@ -1,7 +1,7 @@
 """The extraction engine: AnnData chunks -> adapter -> store, resumable, with telemetry.
 
 What every model shares lives here: input validation before any write, device and dtype,
-chunked streaming, batching (see :mod:`._batching`), stale-cache checks, chunk-level resume,
+chunked streaming, batching (see :mod:`.runner`), stale-cache checks, chunk-level resume,
 progress and the provenance written beside each array.
 """
 
@@ -21,12 +21,18 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ._batching import default_token_budget, embed_cells, resolve_device, resolve_dtype
-from ._errors import InputError, ScdmError, StaleCacheError, StoreError
-from ._input import InputDataset, LabelSpec, read_input
-from ._store import (
+from ._version import __version__
+from .errors import InputError, ScdmError, StaleCacheError, StoreError
+from .genes import DEFAULT_MIN_OVERLAP
+from .inputs import InputDataset, LabelSpec, read_input
+from .models import get_adapter
+from .models.base import Adapter, CellChunk, GeneOverlap
+from .runner import Runner, resolve_device, resolve_dtype
+from .store import (
     DEFAULT_STORE,
     EmbeddingStore,
+    Provenance,
+    Telemetry,
     cells_hash,
     check_name,
     check_store_path,
@@ -35,16 +41,9 @@ from ._store import (
     store_os_error,
     store_writable,
 )
-from ._version import __version__
-from .models import get_adapter
-from .models._base import Adapter, CellChunk, GeneOverlap
-from .models._reference import FittedAdapter
 
 log = logging.getLogger(__name__)
 
-#: refuse a dataset when neither the share of its genes the model uses nor the share of the
-#: model's vocabulary it holds reaches this (wrong identifiers or species)
-DEFAULT_MIN_OVERLAP = 0.25
 #: dtypes an embedding array may be stored in
 STORE_DTYPES = ("float32", "float16")
 
@@ -128,7 +127,7 @@ def extract(
         raise InputError(f"model {model!r} needs raw integer counts but {data.path.name} holds non-integer values",
                          "use the raw counts layer (--layer) or adata.raw")
     try:
-        return _extract(data, adapter, model=model, store=store, dataset=dataset, batch_size=batch_size,
+        return _run_extraction(data, adapter, model=model, store=store, dataset=dataset, batch_size=batch_size,
                         token_budget=token_budget, chunk_size=chunk_size, device=device, dtype=dtype,
                         store_dtype=store_dtype, min_overlap=min_overlap, reference=reference, overwrite=overwrite,
                         progress=progress)
@@ -137,10 +136,12 @@ def extract(
             data.close()
 
 
-def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | Path, dataset: str | None,
+def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: str | Path, dataset: str | None,
              batch_size: int | None, token_budget: int | None, chunk_size: int, device: str, dtype: str,
              store_dtype: str, min_overlap: float, reference: str | Path | None, overwrite: bool,
              progress: bool) -> ExtractionResult:
+    """Load the model, decide and write the metadata under the store's lock, then embed the
+    chunks still to do (rolling back what this run created when it fails on bad input)."""
     name = dataset or data.path.stem
     check_name(name, "dataset")  # before the name becomes a path
     store_path = Path(store)
@@ -152,7 +153,8 @@ def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | P
     tdt = resolve_dtype(dtype, adapter, dev)
     adapter.load(device=dev, dtype=tdt)
     bs = batch_size or adapter.default_batch_size
-    token_budget = default_token_budget(dev) if token_budget is None else (token_budget or None)
+    runner = Runner(adapter, batch_size=bs, token_budget=token_budget)  # None: the device default, 0: no cap
+    token_budget = runner.token_budget
     # Metadata (fitted reference, cell table, array) is decided and written under the store's lock,
     # from the store as it is once the lock is held: concurrent extractions into one store share one
     # reference. Chunk writes below do not take the lock.
@@ -160,9 +162,10 @@ def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | P
         st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
         _check_dataset(st_ro, name, data, overwrite)
         new_reference = None
-        if isinstance(adapter, FittedAdapter):
+        if adapter.requires_reference:
             new_reference = _attach_reference(adapter, st_ro, data, reference, overwrite=overwrite)
-        overlap = adapter.prepare(data.genes)
+        plan = adapter.prepare(data.genes)
+        overlap = plan.overlap
         if overlap.coverage < min_overlap:
             raise InputError(
                 f"model {model!r} and dataset {name!r} barely share genes: the model uses {overlap.n_data_used} of the "
@@ -181,7 +184,7 @@ def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | P
             raise StoreError(f"the store {str(store_path)!r} is not writable, and {model}/{name} needs "
                              f"{'its cell table updated' if status == 'metadata-updated' else 'to be computed'}",
                              "make the store writable, or point --store at a writable path")
-        ref_name = adapter.reference_name if isinstance(adapter, FittedAdapter) else None
+        ref_name = adapter.reference_name if adapter.requires_reference else None
         created = _created(store_path, st_ro, name, model, ref_name if new_reference is not None else None, status)
         try:
             st = EmbeddingStore(store_path, mode="a")
@@ -215,17 +218,16 @@ def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | P
                 X = data.read_rows(s, min(s + chunk_size, data.n_cells))
                 chunk = CellChunk(X=X, cell_ids=cell_ids[s:s + X.shape[0]], genes=data.genes, start=s,
                                   n_counts=None if data.n_counts is None else data.n_counts[s:s + X.shape[0]])
-                emb = embed_cells(adapter, adapter.tokenize(chunk), batch_size=bs, token_budget=token_budget,
-                                  on_batch=lambda k: bar.advance(task, k))
+                emb = runner.embed(adapter.tokenize(chunk, plan), on_batch=lambda k: bar.advance(task, k))
                 if not np.all(np.isfinite(emb)):
                     raise RuntimeError(f"{model} produced non-finite embeddings in chunk {c} (rows {s}..{s + X.shape[0] - 1})")
                 st.write_chunk(model, name, c, emb)
                 done_cells += X.shape[0]
         seconds = time.perf_counter() - t0
-        telemetry = {"seconds": round(seconds, 3), "cells_per_s": round(done_cells / max(seconds, 1e-9), 2),
-                     "peak_rss_mb": round(_peak_rss_mb(), 1), "batch_size": bs, "token_budget": token_budget}
-        if dev.type == "cuda":
-            telemetry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        telemetry = Telemetry(seconds=round(seconds, 3), cells_per_s=round(done_cells / max(seconds, 1e-9), 2),
+                              peak_rss_mb=round(_peak_rss_mb(), 1), batch_size=bs, token_budget=token_budget,
+                              peak_gpu_mb=round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+                              if dev.type == "cuda" else None)
         with store_lock(store_path):
             st.finish_embedding(model, name, telemetry=telemetry)
     except BaseException as e:
@@ -240,7 +242,7 @@ def _extract(data: InputDataset, adapter: Adapter, *, model: str, store: str | P
             raise store_os_error(e, store_path) from None
         raise
     return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, len(todo), seconds,
-                            telemetry["cells_per_s"], overlap.to_dict())
+                            telemetry.cells_per_s, overlap.to_dict())
 
 
 def _created(store_path: Path, st_ro: EmbeddingStore | None, name: str, model: str, reference: str | None,
@@ -290,24 +292,25 @@ def _chunk_len(c: int, chunk_size: int, n: int) -> int:
 
 def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneOverlap, dev: torch.device,
                 tdt: torch.dtype, chunk_size: int) -> dict[str, Any]:
-    return {
-        "options": {k: v if isinstance(v, (bool, int, float)) or v is None else str(v) for k, v in adapter.options.items()},
-        "model_version": adapter.version,
-        "checkpoint": str(adapter.checkpoint) if adapter.checkpoint else None,
-        "checkpoint_hash": adapter.checkpoint_hash(),
-        "trust_checkpoint": bool(adapter.trust_checkpoint),
-        "settings": adapter.settings(),
-        "input_hash": data.content_hash,
-        "input_path": str(data.path),
-        "layer": data.layer,
-        "gene_key": data.gene_key,
-        "scdm_version": __version__,
-        "torch_version": torch.__version__,
-        "device": str(dev),
-        "compute_dtype": str(tdt).replace("torch.", ""),
-        "gene_overlap": overlap.to_dict(),
-        "chunk_rows": chunk_size,
-    }
+    """The :class:`~scdm_embed.store.Provenance` of this extraction, as the array's attributes."""
+    return Provenance(
+        options={k: v if isinstance(v, (bool, int, float)) or v is None else str(v) for k, v in adapter.options.items()},
+        model_version=adapter.version,
+        checkpoint=str(adapter.checkpoint) if adapter.checkpoint else None,
+        checkpoint_hash=adapter.checkpoint_hash(),
+        trust_checkpoint=bool(adapter.trust_checkpoint),
+        settings=adapter.settings(),
+        input_hash=data.content_hash,
+        input_path=str(data.path),
+        layer=data.layer,
+        gene_key=data.gene_key,
+        scdm_version=__version__,
+        torch_version=torch.__version__,
+        device=str(dev),
+        compute_dtype=str(tdt).replace("torch.", ""),
+        gene_overlap=overlap.to_dict(),
+        chunk_rows=chunk_size,
+    ).to_attrs()
 
 
 _IDENTITY_KEYS = ("model_version", "checkpoint_hash", "settings", "input_hash", "chunk_rows", "cell_context")
@@ -355,7 +358,7 @@ def _norm(v: Any) -> Any:
     return json.dumps(v, sort_keys=True, default=str)
 
 
-def _attach_reference(adapter: FittedAdapter, st_ro: EmbeddingStore | None, data: InputDataset,
+def _attach_reference(adapter: Adapter, st_ro: EmbeddingStore | None, data: InputDataset,
                       reference: str | Path | None, *, overwrite: bool):
     """Use the store's fitted reference for this model, or fit one; returns a new fit to record."""
     held = st_ro.get_reference(adapter.reference_name) if st_ro is not None else None

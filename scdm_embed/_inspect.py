@@ -9,7 +9,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from ._store import EmbeddingStore
+from .store import EmbeddingStore
+from .store.schema import FORMAT_VERSION, is_older
 
 
 def store_table(store: str | Path) -> pd.DataFrame:
@@ -17,25 +18,29 @@ def store_table(store: str | Path) -> pd.DataFrame:
     st = EmbeddingStore(store)
     rows = []
     for e in st.entries():
-        a = e.attrs
-        tel = a.get("telemetry", {}) or {}
-        ov = a.get("gene_overlap", {}) or {}
+        r = e.record
+        tel = r.telemetry
+        ov = r.gene_overlap or {}
         rows.append({"model": e.model, "dataset": e.dataset, "cells": e.n_cells, "dim": e.dim,
                      "status": "stale" if e.stale else "complete" if e.complete else f"partial {e.chunks_done}/{e.n_chunks}",
-                     "checkpoint_hash": str(a.get("checkpoint_hash", ""))[:19], "device": a.get("device"),
-                     "cells_per_s": tel.get("cells_per_s"), "peak_rss_mb": tel.get("peak_rss_mb"),
+                     "checkpoint_hash": str(r.checkpoint_hash or "")[:19], "device": r.device,
+                     "cells_per_s": tel.cells_per_s if tel else None, "peak_rss_mb": tel.peak_rss_mb if tel else None,
                      "genes_used": ov.get("n_data_used"), "vocab_present": ov.get("n_vocab_in_data"),
-                     "scdm_version": a.get("scdm_version"), "created": a.get("created")})
+                     "scdm_version": r.scdm_version, "created": r.created})
     return pd.DataFrame(rows)
 
 
 def describe_store(store: str | Path, *, console: Console, provenance: bool = False) -> None:
     st = EmbeddingStore(store)
-    console.print(f"[bold]{store}[/] (scdm store format {st.root.attrs.get('encoding-version')})")
+    version = st.root.attrs.get("encoding-version")
+    console.print(f"[bold]{store}[/] (scdm store format {version})")
+    if is_older(st.root.attrs, "scdm-store"):
+        console.print(f"[yellow]format {version} predates {FORMAT_VERSION}: it reads as it is; before writing into it, "
+                      f"run `scdm-embed migrate {store}`[/]")
     dt = Table("dataset", "cells", "input hash", title="datasets")
     for ds in st.datasets():
-        a = st.dataset_attrs(ds)
-        dt.add_row(ds, str(a.get("n_cells")), str(a.get("input_hash", ""))[:12])
+        d = st.dataset_record(ds)
+        dt.add_row(ds, str(d.n_cells), str(d.input_hash)[:12])
     console.print(dt)
     df = store_table(store)
     t = Table(*(["model", "dataset", "cells", "dim", "status", "checkpoint", "device", "cells/s", "genes used", "vocab present"]),

@@ -8,12 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ._cli_common import friendly_errors, make_console, parse_options
-from ._input import DEFAULT_RESISTANT, DEFAULT_SENSITIVE, LabelSpec
+from .cli_support import friendly_errors, make_console, parse_options
+from .genes import DEFAULT_MIN_OVERLAP
+from .inputs import DEFAULT_RESISTANT, DEFAULT_SENSITIVE, LabelSpec
+from .store import DEFAULT_STORE
 
 app = typer.Typer(
     help="Compute single-cell foundation-model embeddings ONCE and cache them in a Zarr store.\n\n"
-    "Typical use: scdm-embed extract cells.h5ad --model pca --store store/scdm.zarr",
+    f"Typical use: scdm-embed extract cells.h5ad --model pca --store {DEFAULT_STORE}",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -28,7 +30,7 @@ Store = Annotated[Path, typer.Option("--store", "-s", help="Zarr store to write 
 def extract(
     input: Annotated[str, typer.Argument(help="AnnData (.h5ad or .zarr) with raw counts, or a registry dataset name (see `datasets`).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name (see `list-models`).")],
-    store: Store = Path("store/scdm.zarr"),
+    store: Store = DEFAULT_STORE,
     dataset: Annotated[str | None, typer.Option(help="Name of the dataset in the store [default: the file's stem].")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Directory of the model's official checkpoint.")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Model option KEY=VALUE (repeatable), e.g. layer=-2.")] = None,
@@ -50,7 +52,7 @@ def extract(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N].")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto | float32 | bfloat16 | float16.")] = "auto",
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16.")] = "float32",
-    min_overlap: Annotated[float, typer.Option(help="Refuse when the dataset and the model's vocabulary share less than this.")] = 0.25,
+    min_overlap: Annotated[float, typer.Option(help="Refuse when the dataset and the model's vocabulary share less than this.")] = DEFAULT_MIN_OVERLAP,
     reference: Annotated[Path | None, typer.Option(help="pca/hvg: fit genes/basis on this AnnData instead of the first dataset.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace embeddings computed from another input or checkpoint.")] = False,
     allow_single_class: Annotated[bool, typer.Option("--allow-single-class", help="Accept a dataset whose cells are all sensitive (or all resistant), to be pooled in the store with datasets that hold the other class.")] = False,
@@ -81,9 +83,18 @@ def extract(
                       f"rewritten; embeddings are current (same counts, genes and cells) -> {r.store}")
     else:
         console.print(f"{r.model}/{r.dataset}: {r.status}, {r.n_cells} cells x {r.dim} dims, {r.chunks_computed} chunks "
-                      f"in {r.seconds:.1f}s ({r.cells_per_s:.0f} cells/s) -> {r.store}")
+                      f"in {r.seconds:.1f}s ({format_rate(r.cells_per_s)}) -> {r.store}")
     console.print(f"gene overlap: model uses {ov['n_data_used']}/{ov['n_data']} dataset genes; "
                   f"{ov['n_vocab_in_data']}/{ov['n_vocab']} vocabulary genes present")
+
+
+def format_rate(cells_per_s: float) -> str:
+    """A throughput as people read it: 3 significant digits, "s/cell" below 1 cell/s."""
+    if not cells_per_s > 0:
+        return "- cells/s"
+    if cells_per_s >= 1:
+        return f"{cells_per_s:.0f} cells/s" if cells_per_s >= 100 else f"{cells_per_s:.3g} cells/s"
+    return f"{1 / cells_per_s:.3g} s/cell"
 
 
 @app.command("list-models")
@@ -121,13 +132,33 @@ def list_models(
 @app.command()
 @friendly_errors
 def inspect(
-    store: Annotated[Path, typer.Argument(help="The Zarr store to describe.")] = Path("store/scdm.zarr"),
+    store: Annotated[Path, typer.Argument(help="The Zarr store to describe.")] = DEFAULT_STORE,
     provenance: Annotated[bool, typer.Option("--provenance", "-p", help="Also print each array's full provenance.")] = False,
 ) -> None:
     """Show what a store holds: datasets, model x dataset arrays, completeness and provenance."""
     from ._inspect import describe_store
 
     describe_store(store, console=console, provenance=provenance)
+
+
+@app.command()
+@friendly_errors
+def migrate(
+    store: Annotated[Path, typer.Argument(help="The Zarr store to upgrade in place.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would change.")] = False,
+) -> None:
+    """Upgrade a store written by an older scdm to the current format (attributes only; embeddings are kept)."""
+    from .store import migrate_store
+
+    m = migrate_store(store, dry_run=dry_run)
+    for line in m.changes:
+        console.print(f"{'would upgrade' if dry_run else 'upgraded'} {line}")
+    for line in m.kept:
+        console.print(f"kept {line}")
+    if not m.changes:
+        console.print(f"{store}: already format {m.to_version}, nothing to migrate")
+    elif not dry_run:
+        console.print(f"{store}: format {m.from_version} -> {m.to_version}")
 
 
 @app.command()

@@ -1,8 +1,9 @@
 """A tiny dataset registry (pooch): named real datasets, cached locally, verified by sha256.
 
-The cache (``$SCDM_DATA_DIR``, default ``~/.cache/scdm``) is seeded from a local mirror
-folder when one is present — ``$SCDM_SHARED/data`` or the ``shared/data`` folder beside a
-checkout — so nothing is downloaded when the files are already on the machine. Otherwise
+The cache (``$SCDM_DATA_DIR``, default the user cache: ``$SCDM_CACHE_DIR``,
+``$XDG_CACHE_HOME/scdm`` or ``~/.cache/scdm``) is seeded from a local mirror folder when one
+is present — ``shared/data`` (see :mod:`scdm_embed.locations`: ``$SCDM_SHARED`` or beside the
+checkout) — so nothing is downloaded when the files are already on the machine. Otherwise
 files come from ``$SCDM_DATA_URL`` (a base URL holding the same relative paths).
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pooch
 
-from ._errors import InputError
+from . import locations
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -44,22 +46,18 @@ DEFAULT_DATASET = "gse149214_pc9"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SCDM_DATA_DIR", Path.home() / ".cache" / "scdm"))
+    """Where datasets are cached: ``$SCDM_DATA_DIR``, else the user cache (:func:`scdm_embed.locations.cache_dir`)."""
+    return Path(os.environ["SCDM_DATA_DIR"]) if os.environ.get("SCDM_DATA_DIR") else locations.cache_dir()
 
 
 def _mirrors() -> list[Path]:
-    out = []
-    if os.environ.get("SCDM_SHARED"):
-        out.append(Path(os.environ["SCDM_SHARED"]) / "data")
-    here = Path(__file__).resolve()
-    out += [here.parents[2] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    return out
+    return [d / "data" for d in locations.shared_dirs()]
 
 
 def _seed_cache(info: DatasetInfo, target: Path, mirrors: Sequence[Path]) -> None:
     if target.exists():
         return
-    from .models._base import sha256_file  # lazy: the models package imports torch
+    from .models.base import sha256_file  # lazy: the models package imports torch
 
     for m in mirrors:
         src = m / info.path

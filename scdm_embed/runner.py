@@ -22,9 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
-from .models.base import Adapter
+from .errors import ScdmError
+from .genes import GeneTable
+from .models.base import Adapter, CellChunk
 
 log = logging.getLogger(__name__)
 
@@ -217,5 +220,53 @@ class Runner:
         return [idx[:half], idx[half:]]
 
 
-__all__ = ["DEFAULT_TOKEN_BUDGET", "Runner", "collate", "default_token_budget", "is_oom", "plan_batches",
-           "token_lengths"]
+
+# -- functional shortcuts over the Runner -----------------------------------------------------
+def embed_cells(adapter: Adapter, cells: Cells, *, batch_size: int, token_budget: int | None = None,
+                on_batch: Callable[[int], None] | None = None, bucket: bool = True,
+                pad_to: int | None = None) -> np.ndarray:
+    """``Runner(adapter, batch_size, token_budget).embed(cells)`` (``token_budget=None``: no cap)."""
+    runner = Runner(adapter, batch_size=batch_size, token_budget=token_budget or 0)
+    return runner.embed(cells, on_batch=on_batch, bucket=bucket, pad_to=pad_to)
+
+
+def embed_matrix(adapter: Adapter, X: sp.spmatrix | np.ndarray, genes: GeneTable, cell_ids: Sequence[str], *,
+                 batch_size: int | None = None, token_budget: int | None = None,
+                 chunk_size: int = 1024) -> np.ndarray:
+    """In-memory convenience: embed a cells x genes matrix with a loaded adapter."""
+    X = sp.csr_matrix(X, dtype=np.float32)
+    cell_ids = np.asarray(cell_ids, dtype=object)
+    runner = Runner(adapter, batch_size=batch_size, token_budget=token_budget or 0)
+    plan = adapter.prepare(genes)
+    parts = []
+    for s in range(0, X.shape[0], chunk_size):
+        chunk = CellChunk(X=X[s:s + chunk_size], cell_ids=cell_ids[s:s + chunk_size], genes=genes, start=s)
+        parts.append(runner.embed(adapter.tokenize(chunk, plan)))
+    return np.concatenate(parts) if parts else np.empty((0, adapter.dim), np.float32)
+
+
+# -- device and dtype -------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ScdmError("--device cuda was asked for but no CUDA GPU is visible", "use --device auto or --device cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str, adapter: Adapter, device: torch.device) -> torch.dtype:
+    """``auto`` -> the adapter's choice for the device (float32 on CPU)."""
+    if dtype == "auto":
+        return adapter.default_dtype(device)
+    if dtype not in _DTYPES:
+        raise ScdmError(f"unknown dtype {dtype!r}", f"use one of: auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+__all__ = ["DEFAULT_TOKEN_BUDGET", "Runner", "collate", "default_token_budget", "embed_cells", "embed_matrix",
+           "is_oom", "plan_batches", "resolve_device", "resolve_dtype", "token_lengths"]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._classifiers import CLASSIFIERS, Classifier, make_classifier
-    from ._lora import run_lora
+    from ._finetune import run_lora
     from ._metrics import METRICS, compute_metrics
     from ._report import plot_summary, summarize, to_markdown, write_report
     from ._run import RESULT_COLUMNS, run_evaluation
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "CLASSIFIERS": "_classifiers", "Classifier": "_classifiers", "make_classifier": "_classifiers",
-    "run_lora": "_lora",
+    "run_lora": "_finetune",
     "METRICS": "_metrics", "compute_metrics": "_metrics",
     "plot_summary": "_report", "summarize": "_report", "to_markdown": "_report", "write_report": "_report",
     "RESULT_COLUMNS": "_run", "run_evaluation": "_run",

@@ -224,7 +224,7 @@ CLASSIFIERS: dict[str, type] = {c.name: c for c in (MLPClassifier, XGBoostClassi
 
 def check_classifiers(names) -> tuple[str, ...]:
     """Validated classifier names (a tuple); an :class:`~scdm_embed.ScdmError` names the bad ones."""
-    from scdm_embed._errors import ScdmError  # imported lazily: grid workers import this module
+    from scdm_embed.errors import ScdmError  # imported lazily: grid workers import this module
 
     names = (names,) if isinstance(names, str) else tuple(names)
     if not names:
@@ -244,7 +244,7 @@ def make_classifier(name: str, *, seed: int = 0, **options: Any) -> Classifier:
     try:
         return CLASSIFIERS[name](seed=seed, **options)
     except TypeError as e:
-        from scdm_embed._errors import ScdmError
+        from scdm_embed.errors import ScdmError
 
         raise ScdmError(f"bad options for classifier {name!r}: {e}", "check the option names in its docstring") from e
 

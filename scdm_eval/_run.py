@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from joblib import effective_n_jobs
 
-from scdm_embed._errors import ScdmError, StoreError
-from scdm_embed._store import EmbeddingStore
+from scdm_embed.errors import ScdmError, StoreError
+from scdm_embed.store import EmbeddingStore
 
 from ._classifiers import check_classifiers, fit_score, make_classifier
 from ._metrics import METRICS

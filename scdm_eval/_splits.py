@@ -32,12 +32,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from scdm_embed._errors import ScdmError, StoreError
-from scdm_embed._store import EmbeddingStore
+from scdm_embed.errors import ScdmError, StoreError
+from scdm_embed.store import EmbeddingStore, SplitRecord
 
-SCHEMES: tuple[str, ...] = ("pooled", "cross")
-#: Values of ``by``: one pooled category, or one evaluation per value of a metadata column.
-BY_CHOICES: tuple[str, ...] = ("all", "tissue", "cancer_type", "drug", "drug_type", "regimen", "study", "dataset")
+from ._choices import BY_CHOICES, SCHEMES, By, Scheme
+
 _NOT_META = ("row", "label", "response")
 _CLASS = {1: "sensitive", 0: "resistant"}
 #: ends the skip reason of a category that holds one class only
@@ -427,8 +426,9 @@ def save_splits(store: str | Path | EmbeddingStore, splits: Splits) -> None:
     """Save ``splits`` into the store (a :class:`SplitWarning` if the store cannot be written)."""
     st = open_store(store)
     try:
-        open_store(st, write=True).put_splits(splits.name, splits.table, **splits.params,
-                                              partitions=splits.partitions.to_dict("records"))
+        record = SplitRecord.from_attrs({**splits.params, "partitions": splits.partitions.to_dict("records")},
+                                        f"split {splits.name}")
+        open_store(st, write=True).put_splits(splits.name, splits.table, record)
     except OSError as e:
         warnings.warn(f"could not save the splits into {str(st.path)!r} ({e}); they were computed in memory",
                       SplitWarning, stacklevel=3)
@@ -454,9 +454,9 @@ def load_splits(
     return _read(st, _identify(cells, scheme, by, folds, group_key, seed)[2], cells)
 
 
-def _from_saved(name: str, table: pd.DataFrame, attrs: dict[str, Any]) -> Splits:
-    params = {k: v for k, v in attrs.items() if k not in ("partitions", "created", "encoding-type", "encoding-version")}
-    parts = pd.DataFrame(attrs.get("partitions", []))
+def _from_saved(name: str, table: pd.DataFrame, record: SplitRecord) -> Splits:
+    params = record.params()
+    parts = pd.DataFrame(record.partitions)
     table = table.astype({"category": str, "fold": np.int16, "label": np.int8})
     table.index = table.index.astype(str)
     table.index.name = "cell"
@@ -485,11 +485,11 @@ def list_splits(store: str | Path | EmbeddingStore) -> pd.DataFrame:
         p = s.params
         rows.append({"name": name, "scheme": p.get("scheme"), "by": p.get("by"), "folds": p.get("folds"),
                      "group_key": p.get("group_key"), "seed": p.get("seed"), "n_cells": len(s.table),
-                     "partitions": len(s), "skipped": len(s.skipped), "created": got[1].get("created")})
+                     "partitions": len(s), "skipped": len(s.skipped), "created": got[1].created})
     df = pd.DataFrame(rows, columns=["name", "scheme", "by", "folds", "group_key", "seed", "n_cells", "partitions",
                                      "skipped", "created"])
     return df.astype({"folds": "Int64", "seed": "Int64"})
 
 
-__all__ = ["BY_CHOICES", "SCHEMES", "LeakageWarning", "Partition", "SplitWarning", "Splits", "compute_splits",
-           "list_splits", "load_splits", "make_splits", "open_store"]
+__all__ = ["BY_CHOICES", "SCHEMES", "By", "LeakageWarning", "Partition", "Scheme", "SplitWarning", "Splits",
+           "compute_splits", "list_splits", "load_splits", "make_splits", "open_store"]

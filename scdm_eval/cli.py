@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -13,11 +12,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from scdm_embed._cli_common import err_console, friendly_errors, make_console
+from scdm_embed.cli_support import err_console, friendly_errors, make_console
+from scdm_embed.store import DEFAULT_STORE
+
+from ._choices import By, Scheme
 
 app = typer.Typer(
     help="Predict drug sensitivity from cached cell embeddings: fast classifiers under honest, saved splits.\n\n"
-    "Typical use: scdm-eval run --store store/scdm.zarr --scheme pooled --group-key sample --out results",
+    f"Typical use: scdm-eval run --store {DEFAULT_STORE} --scheme pooled --group-key sample --out results",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -26,22 +28,6 @@ splits_app = typer.Typer(help="Show or make the saved train/test splits of a sto
                          add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(splits_app, name="splits")
 console = make_console()
-
-
-class Scheme(str, Enum):
-    pooled = "pooled"
-    cross = "cross"
-
-
-class By(str, Enum):
-    all = "all"
-    tissue = "tissue"
-    cancer_type = "cancer_type"
-    drug = "drug"
-    drug_type = "drug_type"
-    regimen = "regimen"
-    study = "study"
-    dataset = "dataset"
 
 
 Store = Annotated[Path, typer.Option("--store", "-s", help="The scdm Zarr store (from `scdm-embed extract`).")]
@@ -72,7 +58,7 @@ def _show_warnings() -> Iterator[None]:
 @friendly_errors
 def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.parquet/.csv, summary.md/.png.")],
-    store: Store = Path("store/scdm.zarr"),
+    store: Store = DEFAULT_STORE,
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Model to evaluate (repeatable; default: every model complete for all datasets).")] = None,
     scheme: SchemeOpt = Scheme.pooled,
     by: ByOpt = By.all,
@@ -104,7 +90,7 @@ def run(
 
 def _lora_inputs(items: list[str] | None):
     """``--input PATH`` -> the path; ``--input DATASET=PATH`` (repeatable) -> a mapping."""
-    from scdm_embed._errors import ScdmError
+    from scdm_embed.errors import ScdmError
 
     if not items:
         return None
@@ -123,10 +109,10 @@ def _lora_inputs(items: list[str] | None):
 def lora(
     model: Annotated[str, typer.Option("--model", "-m", help="Foundation model to fine-tune (as extracted into the store).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for lora_results.parquet/.csv and lora_summary.md.")],
-    store: Store = Path("store/scdm.zarr"),
+    store: Store = DEFAULT_STORE,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: the one recorded at extraction).")] = None,
     input: Annotated[list[str] | None, typer.Option("--input", help="Raw input when it moved: PATH, or DATASET=PATH (repeatable).")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", help="Model option KEY=VALUE (repeatable; default: from the extraction).")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="Model option KEY=VALUE (repeatable; default: the options recorded at extraction).")] = None,
     scheme: SchemeOpt = Scheme.pooled,
     by: ByOpt = By.all,
     folds: FoldsOpt = 10,
@@ -135,22 +121,23 @@ def lora(
     epochs: Annotated[int, typer.Option(help="Training epochs per partition.")] = 3,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (LoRA + head).")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Cells per batch (CellPLM: the cells' shared context).")] = 16,
+    token_budget: Annotated[int | None, typer.Option(help="Max padded tokens per forward; larger batches run as micro-batches [default: 4096 on CPU, 65536 on CUDA; 0 = no cap].")] = None,
     max_partitions: Annotated[int | None, typer.Option(help="Only the first N partitions (quick runs).")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cuda, cuda:N or cpu.")] = "auto",
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint files in full (they can run code): only for files you know are the authors'.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """LoRA-fine-tune a foundation model + linear head on every partition of the saved splits (GPU stage)."""
-    from scdm_embed._cli_common import parse_options
+    from scdm_embed.cli_support import parse_options
 
-    from ._lora import run_lora
+    from ._finetune import run_lora
     from ._report import rich_table, summarize
 
     opts = parse_options(option) if option else None
     with _show_warnings():
         res = run_lora(store, model=model, checkpoint=checkpoint, input=_lora_inputs(input), model_options=opts,
                        scheme=scheme.value, by=by.value, folds=folds, group_key=group_key, seed=seed, epochs=epochs,
-                       lr=lr, batch_size=batch_size, max_partitions=max_partitions, device=device, out=out,
+                       lr=lr, batch_size=batch_size, token_budget=token_budget, max_partitions=max_partitions, device=device, out=out,
                        progress=not quiet, trust_checkpoint=trust_checkpoint)
     console.print(rich_table(summarize(res)))
     info = res.attrs.get("lora", {})
@@ -162,7 +149,7 @@ def lora(
 @splits_app.command("make")
 @friendly_errors
 def splits_make(
-    store: Store = Path("store/scdm.zarr"),
+    store: Store = DEFAULT_STORE,
     scheme: SchemeOpt = Scheme.pooled,
     by: ByOpt = By.all,
     folds: FoldsOpt = 10,
@@ -183,11 +170,11 @@ def splits_make(
 @splits_app.command("show")
 @friendly_errors
 def splits_show(
-    store: Store = Path("store/scdm.zarr"),
+    store: Store = DEFAULT_STORE,
     name: Annotated[str | None, typer.Option(help="Show the partitions of this split.")] = None,
 ) -> None:
     """List the splits saved in the store, or the partitions of one."""
-    from scdm_embed._errors import ScdmError
+    from scdm_embed.errors import ScdmError
 
     from ._splits import list_splits, load_splits
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from scdm_embed.locations import shared_dir as _shared_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SCDM_SHARED", ROOT.parent / "shared")).resolve()
+SHARED = _shared_dir()
 PC9 = SHARED / "data" / "gse149214_pc9_erlotinib" / "pc9_d11_erlotinib_qc200.h5ad"
 FIXTURES = SHARED / "reference_fixtures"
 VOCAB = SHARED / "vocab"
@@ -40,6 +42,14 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     return _need(VOCAB)
+
+
+@pytest.fixture(scope="session")
+def fixture_models(fixtures_dir, vocab_dir) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """model -> (checkpoint, options) of every reference fixture (:func:`scdm_embed.testing.fixture_models`)."""
+    from scdm_embed.testing import fixture_models as table  # imports torch: only when asked for
+
+    return table(SHARED)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from .._errors import ScdmError
-from ._base import Adapter, CellChunk, GeneOverlap
+from ..errors import ScdmError
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan
+from .options import Option
 
 #: name -> "module:Class" (relative to this package)
 _REGISTRY: dict[str, str] = {
@@ -52,4 +53,4 @@ def get_adapter(name: str) -> type[Adapter]:
     return getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
 
 
-__all__ = ["Adapter", "CellChunk", "GeneOverlap", "available_models", "get_adapter", "register_adapter"]
+__all__ = ["Adapter", "CellChunk", "GeneOverlap", "GenePlan", "Option", "available_models", "get_adapter", "register_adapter"]

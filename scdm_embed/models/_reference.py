@@ -19,9 +19,9 @@ import scipy.sparse as sp
 import torch
 from sklearn.decomposition import PCA
 
-from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap
-from ._options import Option, at_least
+from ..genes import GeneTable
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan
+from .options import Option, at_least
 
 TARGET_SUM = 1e4
 SCALE_CLIP = 10.0
@@ -37,8 +37,14 @@ def _lognorm(X: sp.csr_matrix) -> sp.csr_matrix:
 
 
 class FittedAdapter(Adapter):
-    """Base of adapters with a per-store fitted reference instead of a checkpoint."""
+    """Base of adapters with a per-store fitted reference instead of a checkpoint.
 
+    ``requires_reference``: the engine attaches the store's fit (or fits one) with
+    :meth:`set_reference` before :meth:`prepare`. The reference is model state, like weights;
+    what ``prepare`` learns about a dataset is in the returned plan only.
+    """
+
+    requires_reference: ClassVar[bool] = True
     checkpoint_layout: ClassVar[str | None] = None
     needs_counts: ClassVar[bool] = True
     default_batch_size: ClassVar[int] = 1024
@@ -58,12 +64,14 @@ class FittedAdapter(Adapter):
         self.ref: dict[str, np.ndarray] | None = None
         self.ref_attrs: dict[str, Any] = {}
 
-    @property
-    def reference_name(self) -> str:
-        return self.name
+    def _default_dim(self) -> int:
+        """Width before a reference is attached (the options'); the fit sets the real one."""
+        return self.n_top_genes
 
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
+        if self.ref is None:
+            self._dim = self._default_dim()
 
     # -- the fitted reference ---------------------------------------------------------------
     def fit_reference(self, data) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -106,28 +114,40 @@ class FittedAdapter(Adapter):
     def set_reference(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         self.ref = {k: np.asarray(v) for k, v in arrays.items()}
         self.ref_attrs = dict(attrs)
+        self._dim = len(self.ref["genes"])
         if self.fits_pca:
             self._mean = torch.as_tensor(self.ref["mean"], device=self.device)
             self._std = torch.as_tensor(self.ref["std"], device=self.device)
             self._comp = torch.as_tensor(self.ref["components"], device=self.device)
+            self._dim = int(self.ref["components"].shape[0])
 
     def checkpoint_hash(self) -> str:
         return self.ref_attrs.get("fit_hash", "unfitted")
 
     # -- protocol -----------------------------------------------------------------------------
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
+    def prepare(self, genes: GeneTable) -> GenePlan:
+        """Find the reference's genes (upper-cased symbols) among the dataset's columns.
+
+        ``columns`` are the dataset columns found, ``vocab_ids`` each one's position in the
+        reference gene list (reference genes missing from the dataset stay 0).
+        """
+        if self.ref is None:
+            raise RuntimeError(f"{self.name}: set_reference() (or the engine's fit) must come before prepare()")
         ref_genes = [str(g) for g in self.ref["genes"]]
         pos = {str(s).upper(): i for i, s in enumerate(genes.symbols)}
-        self._cols = np.array([pos.get(g, -1) for g in ref_genes], dtype=np.int64)
-        found = self._cols >= 0
-        return GeneOverlap(n_vocab=len(ref_genes), n_vocab_in_data=int(found.sum()), n_data=len(genes),
-                           n_data_used=int(found.sum()))
+        cols = np.array([pos.get(g, -1) for g in ref_genes], dtype=np.int64)
+        found = cols >= 0
+        overlap = GeneOverlap(n_vocab=len(ref_genes), n_vocab_in_data=int(found.sum()), n_data=len(genes),
+                              n_data_used=int(found.sum()))
+        return GenePlan(overlap, columns=cols[found], vocab_ids=np.flatnonzero(found),
+                        data={"n_features": len(ref_genes), "fit_hash": self.checkpoint_hash()})
 
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
+        if plan["fit_hash"] != self.checkpoint_hash():
+            raise RuntimeError(f"{self.name}: the gene plan was made for another reference; prepare() again")
         Xn = _lognorm(chunk.X)
-        out = np.zeros((Xn.shape[0], len(self._cols)), dtype=np.float32)
-        found = self._cols >= 0
-        out[:, found] = Xn[:, self._cols[found]].toarray()
+        out = np.zeros((Xn.shape[0], plan["n_features"]), dtype=np.float32)
+        out[:, plan.vocab_ids] = Xn[:, plan.columns].toarray()
         return [{"x": row} for row in out]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,10 +167,6 @@ class HVGAdapter(FittedAdapter):
     name = "hvg"
     description = "log-normalised expression of 2,000 highly variable genes (raw-expression baseline; no weights)"
 
-    @property
-    def dim(self) -> int:
-        return len(self.ref["genes"]) if self.ref is not None else self.n_top_genes
-
 
 class PCAAdapter(FittedAdapter):
     """PCA of z-scored log-normalised highly variable genes, basis fitted once per store."""
@@ -163,9 +179,8 @@ class PCAAdapter(FittedAdapter):
         Option("n_comps", int, 50, "principal components (capped by the fitted cells and genes)", check=at_least(1)),
     )
 
-    @property
-    def dim(self) -> int:
-        return int(self.ref["components"].shape[0]) if self.ref is not None else self.n_comps
+    def _default_dim(self) -> int:
+        return self.n_comps
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         z = ((batch["x"] - self._mean) / self._std).clamp(max=SCALE_CLIP)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

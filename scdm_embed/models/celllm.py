@@ -42,10 +42,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._errors import CheckpointError, ScdmError
-from ._base import CellChunk, masked_mean
-from ._options import Option, at_least
-from ._performer import PerformerAdapter, PerformerConfig, bin_values
+from ..errors import CheckpointError
+from ._performer import PerformerAdapter, bin_values
+from .base import CellChunk, GenePlan, masked_mean
+from .nn.performer import PerformerConfig
+from .options import Option, at_least
 
 
 class CellLMAdapter(PerformerAdapter):
@@ -96,12 +97,11 @@ class CellLMAdapter(PerformerAdapter):
         self.cls_gene, self.pad_gene = n_genes, n_genes + 1
 
     # -- per chunk / batch ------------------------------------------------------------------
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """Per cell: ``[CLS, bins of expressed genes (gene order)..., PAD]`` and their gene2vec
         rows; the one PAD stands for all ``max_seq_len - (k + 1)`` pads of the original."""
-        if self.model is None:
-            raise ScdmError("celllm: load() was not called", "call adapter.load(device=..., dtype=...)")
-        vals = self.model_values(chunk)
+        self.require_loaded("tokenize")
+        vals = self.model_values(chunk, plan)
         keep = self.max_seq_len - 1
         bins = bin_values(vals.data, self.max_bin)
         cells: list[dict[str, np.ndarray]] = []

@@ -48,11 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import CheckpointError, InputError, ScdmError
-from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, cell_seed
-from ._options import Option, at_least
+from ..errors import CheckpointError, InputError
+from ..genes import GeneTable
+from ._checkpoint import load_strict
 from ._safe_load import torch_load
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan, cell_seed
+from .options import Option, at_least
 
 _CONFIG_SUFFIX = ".config.json"
 _CKPT_SUFFIX = ".best.ckpt"
@@ -384,8 +385,10 @@ class CellPLMAdapter(Adapter):
     the most likely cluster), ``seed`` (global seed of the per-cell draws, default 0).
 
     Tokens: no sequence (``sequence_keys=()``); each cell is the dense row of its raw counts
-    over the matched genes (``counts``, float32) plus, for ``cluster='sample'``, its uniform
-    noise (``noise``, one value per cluster).
+    over the matched genes (``counts``, float32), the vocabulary rows of those genes
+    (``gene_idx``, int32, the plan's ``vocab_ids``: the same for every cell of a dataset, so the
+    forward needs no per-dataset state) plus, for ``cluster='sample'``, its uniform noise
+    (``noise``, one value per cluster).
     """
 
     name: ClassVar[str] = "cellplm"
@@ -419,9 +422,6 @@ class CellPLMAdapter(Adapter):
         self.config: dict[str, Any] = {}
         self.gene_list: list[str] = []
         self._prefix: str | None = None
-        self._data_idx: np.ndarray | None = None
-        self._gene_idx: np.ndarray | None = None
-        self._gene_idx_t: torch.Tensor | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -437,58 +437,45 @@ class CellPLMAdapter(Adapter):
             num_clusters=int(cfg.get("num_clusters", 16)), norm=str(cfg.get("norm", "layernorm")),
             dropout=float(cfg.get("model_dropout", 0.1)))
         state = _read_state_dict(ckpt_path, trust=self.trust_checkpoint)
-        used = {k: v for k, v in state.items() if not k.startswith(_SKIP_PREFIXES)}
-        expected = model.state_dict()
-        unknown = sorted(set(used) - set(expected))
-        missing = sorted(set(expected) - set(used))
-        if unknown or missing:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3])})")
-            if unknown:
-                parts.append(f"{len(unknown)} unknown key(s) (e.g. {', '.join(unknown[:3])})")
-            raise CheckpointError(f"{str(ckpt_path)!r} does not match the CellPLM embedding model of "
-                                  f"{config_path.name}: " + "; ".join(parts),
-                                  "use the .best.ckpt released with this config.json")
-        wrong = [f"{k} {tuple(v.shape)} (need {tuple(expected[k].shape)})"
-                 for k, v in used.items() if tuple(v.shape) != tuple(expected[k].shape)]
-        if wrong:
-            raise CheckpointError(f"{str(ckpt_path)!r} has tensors of the wrong shape: {'; '.join(wrong[:3])}",
-                                  "use the .best.ckpt released with this config.json")
-        model.load_state_dict(used, strict=True)
+        load_strict(model, state, ignore=_SKIP_PREFIXES,
+                    what=f"{str(ckpt_path)!r} does not match the CellPLM embedding model of {config_path.name}",
+                    fix="use the .best.ckpt released with this config.json")
         self.device, self.dtype = device, dtype
         self.model = model.to(device=device, dtype=dtype).eval()
-        self._gene_idx_t = None
+        self._dim = int(cfg["post_latent_dim"])
 
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
-        if not self.gene_list:
-            raise ScdmError("cellplm: prepare() was called before load()", "call load() first")
+    def prepare(self, genes: GeneTable) -> GenePlan:
+        """Match Ensembl ids to the config's gene list; ``columns`` are the matched dataset
+        columns (dataset order) and ``vocab_ids`` their rows in the gene list."""
+        self.require_loaded("prepare")
         ens = pd.Index(np.asarray(genes.ensembl, dtype=object).astype(str))
         pos = pd.Index(self.gene_list).get_indexer(ens)
         # ``var_names_make_unique``: only the first occurrence of an id keeps it; "" never matches
         keep = (~ens.duplicated(keep="first")) & (ens != "") & (pos >= 0)
-        self._data_idx = np.flatnonzero(keep).astype(np.int64)
-        self._gene_idx = pos[keep].astype(np.int64)
-        self._gene_idx_t = None
-        if len(self._data_idx) == 0:
+        data_idx = np.flatnonzero(keep).astype(np.int64)
+        gene_idx = pos[keep].astype(np.int64)
+        if len(data_idx) == 0:
             raise InputError("no gene of the dataset matches CellPLM's Ensembl gene list",
                              "give var an 'ensembl_id' column (or Ensembl var_names)")
-        return GeneOverlap(n_vocab=len(self.gene_list), n_vocab_in_data=len(self._gene_idx),
-                           n_data=len(genes), n_data_used=len(self._data_idx))
+        overlap = GeneOverlap(n_vocab=len(self.gene_list), n_vocab_in_data=len(gene_idx),
+                              n_data=len(genes), n_data_used=len(data_idx))
+        return GenePlan(overlap=overlap, columns=data_idx, vocab_ids=gene_idx)
 
-    @property
-    def genes_used(self) -> list[str]:
+    def genes_used(self, plan: GenePlan) -> list[str]:
         """Ensembl ids of the matched genes, in dataset order (as the original feeds them)."""
-        if self._gene_idx is None:
-            return []
-        return [self.gene_list[i] for i in self._gene_idx]
+        return [self.gene_list[i] for i in plan.vocab_ids]
 
     # -- per chunk / batch ----------------------------------------------------------------
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
-        if self._data_idx is None:
-            raise ScdmError("cellplm: tokenize() was called before prepare()", "call prepare(genes) first")
-        dense = sp.csr_matrix(chunk.X)[:, self._data_idx].toarray().astype(np.float32, copy=False)
-        cells: list[dict[str, np.ndarray]] = [{"counts": row} for row in dense]
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
+        """Per cell: ``counts`` on the matched genes, their vocabulary rows ``gene_idx`` (one
+        shared read-only array) and, for ``cluster='sample'``, the per-cell ``noise``."""
+        if plan.overlap.n_data != chunk.X.shape[1]:
+            raise InputError(f"cellplm: the chunk has {chunk.X.shape[1]} genes but the gene plan was made "
+                             f"for {plan.overlap.n_data}", "tokenize with the plan prepare() made for these genes")
+        dense = sp.csr_matrix(chunk.X)[:, plan.columns].toarray().astype(np.float32, copy=False)
+        gene_idx = plan.vocab_ids.astype(np.int32)
+        gene_idx.setflags(write=False)
+        cells: list[dict[str, np.ndarray]] = [{"counts": row, "gene_idx": gene_idx} for row in dense]
         if self._cluster_mode == "sample":
             k = int(self.config.get("num_clusters", 16))
             for cell, cid in zip(cells, chunk.cell_ids, strict=True):
@@ -496,35 +483,24 @@ class CellPLMAdapter(Adapter):
                 cell["noise"] = rng.random(k, dtype=np.float32)
         return cells
 
-    def _gene_index(self) -> torch.Tensor:
-        if self._gene_idx is None:
-            raise ScdmError("cellplm: forward() was called before prepare()", "call prepare(genes) first")
-        if self._gene_idx_t is None or self._gene_idx_t.device != self.device:
-            self._gene_idx_t = torch.from_numpy(self._gene_idx).to(self.device)
-        return self._gene_idx_t
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All cells of ``batch`` are embedded together (they attend to each other)."""
-        if self.model is None:
-            raise ScdmError("cellplm: forward() was called before load()", "call load() first")
-        return self.model(batch["counts"], self._gene_index(), noise=batch.get("noise"),
+        self.require_loaded("forward")
+        rows = batch["gene_idx"]
+        if rows.shape[0] > 1 and not bool((rows == rows[:1]).all()):
+            raise InputError("cellplm: the cells of one batch come from different gene plans",
+                             "embed the cells of one dataset (one prepare()) per batch")
+        return self.model(batch["counts"], rows[0].long(), noise=batch.get("noise"),
                           cluster=batch.get("cluster"))
 
     def pool(self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return output["mean"].float()
 
     # -- description ----------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        if not self.config:
-            raise ScdmError("cellplm: dim is known only after load()", "call load() first")
-        return int(self.config["post_latent_dim"])
-
     def settings(self) -> dict[str, Any]:
         return {
             "checkpoint_prefix": self._prefix,
             "genes": "Ensembl ids matched to the config gene_list; first occurrence of a duplicate kept",
-            "n_genes_used": None if self._data_idx is None else len(self._data_idx),
             "input": "log1p(raw counts), no library-size normalisation",
             "encoder": f"flowformer x{self.config.get('enc_layers')}, cells attend across the batch",
             "batch_size": int(self.default_batch_size),

@@ -43,12 +43,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .._errors import CheckpointError, InputError, ScdmError
-from .._genes import GeneTable, is_ensembl_id, looks_like_ensembl
-from ._base import Adapter, CellChunk, GeneOverlap, first_token, masked_mean, sha256_file
-from ._options import Option, at_least
+from ..errors import CheckpointError, InputError, ScdmError
+from ..genes import GeneTable, is_ensembl_id, looks_like_ensembl
+from ._hf import check_loading_info, load_hf_weights
 from ._safe_load import read_pickle
-from ._sentences import check_loading_info, load_hf_weights, ranked_columns
+from ._sentences import ranked_columns
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan, first_token, masked_mean, sha256_file
+from .options import Option, at_least
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,6 @@ class GeneformerAdapter(Adapter):
         self._layer = -1
         self._collapse = False
         self._special_ids: dict[str, int] = {}
-        self._agg: sp.csr_matrix | None = None
-        self._feat_tokens = np.zeros(0, np.int64)
-        self._feat_median = np.zeros(0, np.float64)
 
     # -- set-up ---------------------------------------------------------------------------------
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -137,6 +135,7 @@ class GeneformerAdapter(Adapter):
 
         self.model = _load_bert(ckpt, self._config, dtype).to(device).eval()
         self.device, self.dtype = device, dtype
+        self._dim = int(self._config.hidden_size)
 
     def _find_dictionaries(self, ckpt: Path) -> dict[str, Path]:
         """Dictionary files: the options first, else ``<pattern>`` inside the checkpoint folder."""
@@ -221,9 +220,13 @@ class GeneformerAdapter(Adapter):
         self._collapse = generation == "v2" if collapse is None else collapse
 
     # -- genes ----------------------------------------------------------------------------------
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
+    def prepare(self, genes: GeneTable) -> GenePlan:
         """Map the dataset's genes to vocabulary features as the original tokenizer does and
         build the column -> feature summing matrix.
+
+        The plan's ``columns`` are the dataset columns used, ``vocab_ids`` the token of each;
+        ``data`` holds the summing matrix ``agg`` (dataset columns x features, float64 CSR) and
+        each feature's ``feature_tokens`` and ``feature_median``.
 
         V1 (``collapse_gene_ids=false``): a column is used when its id, as given, has a median;
         each column is its own feature, so a repeated id gives a repeated token. V2: ids are
@@ -231,8 +234,7 @@ class GeneformerAdapter(Adapter):
         when two DISTINCT given ids land on one id are the columns of each id summed (the
         original's test), else every mapped column stays its own feature.
         """
-        if self.model is None:
-            raise RuntimeError("call load() before prepare()")
+        self.require_loaded("prepare()")
         ids, details = self._dataset_ids(genes)
         vocab = self._vocab_genes()
         if self._collapse:
@@ -265,12 +267,15 @@ class GeneformerAdapter(Adapter):
             by_symbol = set(details.pop("_by_symbol"))
             details["used_by_symbol"] = sum(j in by_symbol for j in cols)
         n_feat = len(feat_ids)
-        self._agg = sp.csr_matrix((np.ones(len(cols)), (np.asarray(cols, np.int64), np.asarray(feats, np.int64))),
-                                  shape=(len(genes), n_feat), dtype=np.float64)
-        self._feat_tokens = np.array([self._token_dict[g] for g in feat_ids], dtype=np.int64)
-        self._feat_median = np.array([self._median[g] for g in feat_ids], dtype=np.float64)
-        return GeneOverlap(n_vocab=len(vocab), n_vocab_in_data=len(set(feat_ids)), n_data=len(genes),
-                           n_data_used=len(cols), details=details)
+        agg = sp.csr_matrix((np.ones(len(cols)), (np.asarray(cols, np.int64), np.asarray(feats, np.int64))),
+                            shape=(len(genes), n_feat), dtype=np.float64)
+        feat_tokens = np.array([self._token_dict[g] for g in feat_ids], dtype=np.int64)
+        feat_median = np.array([self._median[g] for g in feat_ids], dtype=np.float64)
+        overlap = GeneOverlap(n_vocab=len(vocab), n_vocab_in_data=len(set(feat_ids)), n_data=len(genes),
+                              n_data_used=len(cols), details=details)
+        return GenePlan(overlap, columns=np.asarray(cols, np.int64),
+                        vocab_ids=feat_tokens[np.asarray(feats, np.int64)],
+                        data={"agg": agg, "feature_tokens": feat_tokens, "feature_median": feat_median})
 
     def _dataset_ids(self, genes: GeneTable) -> tuple[list[str], dict[str, Any]]:
         """The Ensembl id of every dataset column, taken as the original tokenizer takes them.
@@ -321,26 +326,24 @@ class GeneformerAdapter(Adapter):
         return ids, details
 
     # -- per chunk / batch ------------------------------------------------------------------------
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """Rank value encoding of every cell of the chunk (vectorised over the CSR)."""
-        if self._agg is None:
-            raise RuntimeError("call prepare() before tokenize()")
         X = sp.csr_matrix(chunk.X, dtype=np.float64)
         n_cells = X.shape[0]
         totals = _cell_totals(chunk, X)
-        F = sp.csr_matrix(X @ self._agg)
+        F = sp.csr_matrix(X @ plan["agg"])
         F.eliminate_zeros()
         F.sort_indices()
         row = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(F.indptr))
         # same float64 operations, same order, as the original: x / n_counts * 10000 / median
         val = F.data / totals[row]
         val = val * _TARGET_SUM
-        val = val / self._feat_median[F.indices]
+        val = val / plan["feature_median"][F.indices]
         v2 = self._generation == "v2"
         n_genes = self._max_length - 2 if v2 else self._max_length
         # value descending, ties in column order, top n_genes per cell (values > 0 only)
         col, offsets = ranked_columns(sp.csr_matrix((val, F.indices, F.indptr), shape=F.shape), n_genes)
-        tokens = self._feat_tokens[col]
+        tokens = plan["feature_tokens"][col]
         counts = np.diff(offsets)
         parts = np.split(tokens, offsets[1:-1]) if n_cells else []
         empty = int((counts == 0).sum())
@@ -358,7 +361,7 @@ class GeneformerAdapter(Adapter):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states of the chosen layer, ``(B, L, D)`` (``hidden_states[layer]``)."""
-        assert self.model is not None
+        self.require_loaded("forward()")
         n_layers = int(self._config.num_hidden_layers)
         last = self._layer % (n_layers + 1) == n_layers
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
@@ -378,12 +381,6 @@ class GeneformerAdapter(Adapter):
         return masked_mean(output.float(), mask)
 
     # -- description ------------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        if self._config is None:
-            raise RuntimeError("call load() first")
-        return int(self._config.hidden_size)
-
     def settings(self) -> dict[str, Any]:
         return {
             "generation": self._generation,

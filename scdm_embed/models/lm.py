@@ -22,18 +22,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._errors import CheckpointError
-from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap
-from ._options import Option, at_least
-from ._sentences import (
-    check_loading_info,
-    hf_offline,
-    load_hf_weights,
-    ranked_columns,
-    read_hf_config,
-    zeroed_mean,
-)
+from ..errors import CheckpointError
+from ..genes import GeneTable
+from ._hf import check_loading_info, hf_offline, load_hf_weights, read_hf_config
+from ._sentences import ranked_columns, zeroed_mean
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan
+from .options import Option, at_least
 
 #: the special ``--checkpoint`` value that means the bundled all-MiniLM-L6-v2
 MINILM = "minilm"
@@ -84,7 +78,6 @@ class LanguageModelAdapter(Adapter):
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(_resolve(checkpoint), **options)
         self.model: torch.nn.Module | None = None
-        self._dim: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def default_dtype(self, device: torch.device) -> torch.dtype:
@@ -148,28 +141,32 @@ class LanguageModelAdapter(Adapter):
                                   "pass max_length=N")
         return min(limits)
 
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
-        """Every gene with a symbol can enter a sentence (the tokenizer splits unknown words)."""
+    def prepare(self, genes: GeneTable) -> GenePlan:
+        """Every gene with a symbol can enter a sentence (the tokenizer splits unknown words).
+
+        No integer vocabulary: ``vocab_ids`` are -1; ``data["symbols"]`` is each dataset
+        column's symbol ("" where none).
+        """
         symbols = np.asarray(["" if s is None else str(s) for s in genes.symbols], dtype=object)
-        self._symbols = symbols
-        self._cols = np.flatnonzero(symbols != "")
-        n_unique = len(np.unique(symbols[self._cols]))
-        return GeneOverlap(n_vocab=n_unique, n_vocab_in_data=n_unique, n_data=len(symbols), n_data_used=len(self._cols))
+        cols = np.flatnonzero(symbols != "")
+        n_unique = len(np.unique(symbols[cols]))
+        overlap = GeneOverlap(n_vocab=n_unique, n_vocab_in_data=n_unique, n_data=len(symbols), n_data_used=len(cols))
+        return GenePlan(overlap, columns=cols, vocab_ids=np.full(len(cols), -1), data={"symbols": symbols})
 
     # -- per chunk / batch ----------------------------------------------------------------
-    def sentences(self, chunk: CellChunk, *, limit: int | None = None) -> list[str]:
+    def sentences(self, chunk: CellChunk, plan: GenePlan, *, limit: int | None = None) -> list[str]:
         """The cell sentences: top ``n_genes`` (or ``limit``) expressed gene symbols, descending,
         space-joined."""
-        cols, offsets = ranked_columns(chunk.X, limit or self.n_genes, columns=self._cols)
-        words = self._symbols[cols]
+        cols, offsets = ranked_columns(chunk.X, limit or self.n_genes, columns=plan.columns)
+        words = plan["symbols"][cols]
         return [" ".join(words[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
 
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """Sentence -> the checkpoint's tokenizer (special tokens, truncated to the context)."""
         # every word yields at least one token, so words past the context can never survive the
         # truncation: dropping them first changes nothing and saves tokenizer work
         words = min(self.n_genes, self._context)
-        enc = self.tokenizer(self.sentences(chunk, limit=words), truncation=True, max_length=self._context,
+        enc = self.tokenizer(self.sentences(chunk, plan, limit=words), truncation=True, max_length=self._context,
                              add_special_tokens=True, padding=False)
         out = []
         for ids in enc["input_ids"]:

@@ -38,9 +38,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .._errors import CheckpointError
-from ._base import CellChunk
-from ._performer import PerformerAdapter, PerformerConfig, bin_values
+from ..errors import CheckpointError
+from ._performer import PerformerAdapter, bin_values
+from .base import CellChunk, GenePlan
+from .nn.performer import PerformerConfig
 
 
 class ScBERTAdapter(PerformerAdapter):
@@ -80,9 +81,9 @@ class ScBERTAdapter(PerformerAdapter):
         self.max_bin = cfg.num_tokens - 2  # CLASS - 2
 
     # -- per chunk / batch ------------------------------------------------------------------
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """Per cell: the 16,907 bin ids (uint8) on the model's gene axis + the appended 0."""
-        vals = self.model_values(chunk)
+        vals = self.model_values(chunk, plan)
         n_cells, n_genes = vals.shape
         tokens = np.zeros((n_cells, n_genes + 1), dtype=np.uint8)
         rows = np.repeat(np.arange(n_cells), np.diff(vals.indptr))

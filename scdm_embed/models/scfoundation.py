@@ -47,13 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import CheckpointError, InputError, ScdmError
-from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, masked_max, masked_mean, sha256_file
-from ._checkpoint import require_keys, shape_mismatches
-from ._layers import encoder_layers
-from ._options import Option
+from ..errors import CheckpointError, InputError, ScdmError
+from ..genes import GeneTable
+from ._checkpoint import load_strict
 from ._safe_load import torch_load
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan, masked_max, masked_mean, sha256_file
+from .nn.attention import encoder_layers
+from .options import Option
 
 _CKPT_NAME = "models.ckpt"
 _GENE_INDEX_NAME = "OS_scRNA_gene_index.19264.tsv"
@@ -238,9 +238,6 @@ class ScFoundationAdapter(Adapter):
         self._cfg: dict[str, Any] = {}
         self._genes: np.ndarray | None = None
         self._gene_index_path: Path | None = None
-        self._data_cols = np.empty(0, dtype=np.int64)
-        self._vocab_pos = np.empty(0, dtype=np.int64)
-        self._n_data = 0
         self.model: _MaeAutobinEncoder | None = None
 
     # -- files ------------------------------------------------------------------------------
@@ -297,24 +294,19 @@ class ScFoundationAdapter(Adapter):
         self._check_config(cfg, path)
         state = self._renamed_state(entry, path)
         model = _MaeAutobinEncoder(cfg)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unknown = sorted(k for k in set(state) - set(expected) if not k.startswith(_DECODER_PREFIXES))
-        require_keys(missing, unknown, unknown_word="unknown",
-                     what=f"{str(path)!r} entry {self._key!r} does not match the scFoundation encoder",
-                     fix=f"use the official scFoundation {_CKPT_NAME}")
-        bad = shape_mismatches(expected, state)
-        if bad:
-            raise CheckpointError(f"{str(path)!r}: tensor shapes do not match the config: {bad[:5]}",
-                                  f"use the official scFoundation {_CKPT_NAME}")
-        model.load_state_dict({k: state[k] for k in expected}, strict=True)
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device, self.dtype, self._cfg = device, dtype, cfg
+        # the decoder half is recognised and not loaded (the module has no such keys)
+        load_strict(model, state, ignore=_DECODER_PREFIXES,
+                    what=f"{str(path)!r} entry {self._key!r} does not match the scFoundation encoder",
+                    fix=f"use the official scFoundation {_CKPT_NAME}")
         genes = self._read_gene_index()
-        if len(genes) != self.model.seq_len - 2:
+        if len(genes) != model.seq_len - 2:
             raise CheckpointError(
                 f"the gene index has {len(genes)} genes but the checkpoint expects seq_len - 2 = "
-                f"{self.model.seq_len - 2}", f"use the {_GENE_INDEX_NAME} that belongs to the checkpoint")
+                f"{model.seq_len - 2}", f"use the {_GENE_INDEX_NAME} that belongs to the checkpoint")
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype, self._cfg = device, dtype, cfg
+        hidden = model.pos_emb.embedding_dim
+        self._dim = 4 * hidden if self._pool_type == "all" else hidden
 
     @staticmethod
     def _check_config(cfg: dict[str, Any], path: Path) -> None:
@@ -346,9 +338,10 @@ class ScFoundationAdapter(Adapter):
             out[name] = val
         return out
 
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
+    def prepare(self, genes: GeneTable) -> GenePlan:
         """Exact symbol match to the gene index (``main_gene_selection``); the first of
-        duplicated dataset symbols is used."""
+        duplicated dataset symbols is used. ``columns`` are in gene-index order and
+        ``vocab_ids`` their gene-index positions."""
         vocab = self._read_gene_index()
         pos = {g: i for i, g in enumerate(vocab)}
         data_pos = np.array([pos.get(str(s), -1) if s else -1 for s in genes.symbols], dtype=np.int64)
@@ -356,22 +349,22 @@ class ScFoundationAdapter(Adapter):
         _, first = np.unique(data_pos[cols], return_index=True)
         cols = cols[np.sort(first)]
         order = np.argsort(data_pos[cols], kind="stable")
-        self._data_cols = cols[order]
-        self._vocab_pos = data_pos[self._data_cols]
-        self._n_data = len(genes)
-        return GeneOverlap(n_vocab=len(vocab), n_vocab_in_data=len(self._vocab_pos),
-                           n_data=len(genes), n_data_used=len(self._vocab_pos))
+        data_cols = cols[order]
+        vocab_pos = data_pos[data_cols]
+        overlap = GeneOverlap(n_vocab=len(vocab), n_vocab_in_data=len(vocab_pos),
+                              n_data=len(genes), n_data_used=len(vocab_pos))
+        return GenePlan(overlap=overlap, columns=data_cols, vocab_ids=vocab_pos)
 
     # -- per chunk / batch ------------------------------------------------------------------
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """Per cell: positive ``[log1p(x/total*1e4)..., T, S]`` values and their positions."""
-        if self._n_data != chunk.X.shape[1]:
-            raise ScdmError("scfoundation: prepare() was not called for these genes",
-                            "call adapter.prepare(genes) before tokenize")
-        n_genes = self._read_gene_index().shape[0]
+        if plan.overlap.n_data != chunk.X.shape[1]:
+            raise InputError(f"scfoundation: the chunk has {chunk.X.shape[1]} genes but the gene plan was made "
+                             f"for {plan.overlap.n_data}", "tokenize with the plan prepare() made for these genes")
+        n_genes = plan.overlap.n_vocab
         # float32 arithmetic throughout, as the original computes on a float32 matrix
         # (the reference inputs agree bit for bit); the total is accumulated in float64
-        sub = sp.csr_matrix(chunk.X[:, self._data_cols], dtype=np.float32)
+        sub = sp.csr_matrix(chunk.X[:, plan.columns], dtype=np.float32)
         sub.sort_indices()
         total = np.asarray(sub.sum(axis=1, dtype=np.float64)).ravel().astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -387,7 +380,7 @@ class ScFoundationAdapter(Adapter):
             else:
                 t_tok = np.log10(total) + np.float32(self._tgt_amount)
         vals32 = vals.astype(np.float32)
-        ids = self._vocab_pos[sub.indices]
+        ids = plan.vocab_ids[sub.indices]
         tail_vals = np.stack([t_tok, s_tok], axis=1).astype(np.float32)
         tail_ids = np.array([n_genes, n_genes + 1], dtype=np.int64)
         cells: list[dict[str, np.ndarray]] = []
@@ -408,8 +401,7 @@ class ScFoundationAdapter(Adapter):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Encoder hidden states (B, L, D) of the gathered non-zero tokens."""
-        if self.model is None:
-            raise ScdmError("scfoundation: load() was not called", "call adapter.load(device=..., dtype=...)")
+        self.require_loaded("forward")
         values = batch["values"].to(self.dtype)
         return self.model(values, batch["gene_ids"].long(), batch["attention_mask"])
 
@@ -426,13 +418,6 @@ class ScFoundationAdapter(Adapter):
         return torch.cat([last, second, masked_max(output, genes), masked_mean(output, genes)], dim=1)
 
     # -- description ------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        if self.model is None:
-            raise ScdmError("scfoundation: dim is known after load()", "call adapter.load first")
-        hidden = self.model.pos_emb.embedding_dim
-        return 4 * hidden if self._pool_type == "all" else hidden
-
     def settings(self) -> dict[str, Any]:
         gi = self._gene_index_path
         return {

@@ -25,7 +25,7 @@ Deviations from the original, both for reproducibility and batch invariance:
   binning draws) and kept in dataset order. scGPT has no positional encoding, so the order
   of the genes does not change the embedding (beyond float round-off).
 
-The attention block (shared :mod:`._layers`, here with scGPT's ``self_attn.Wqkv`` name) is
+The attention block (shared :mod:`.nn.attention`, here with scGPT's ``self_attn.Wqkv`` name) is
 written out (``Wqkv`` -> ``F.scaled_dot_product_attention`` -> ``self_attn.out_proj``) so every projection is a real ``nn.Linear`` call that LoRA can
 wrap; no flash-attn and no torchtext are needed.
 """
@@ -43,12 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import CheckpointError
-from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, cell_seed, first_token
-from ._layers import Encoder
-from ._options import Option, at_least
+from ..errors import CheckpointError
+from ..genes import GeneTable
+from ._checkpoint import load_strict
 from ._safe_load import torch_load
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan, cell_seed, first_token
+from .nn.attention import Encoder
+from .options import Option, at_least
 
 _FILES = ("best_model.pt", "vocab.json", "args.json")
 _SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
@@ -283,8 +284,6 @@ class ScGPTAdapter(Adapter):
         self.model: ScGPTModel | None = None
         self.vocab: dict[str, int] = {}
         self.args: dict[str, Any] = {}
-        self._cols: np.ndarray | None = None
-        self._col_ids = np.empty(0, np.int64)
 
     # -- set-up -------------------------------------------------------------------------------
     def load(self, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -313,55 +312,40 @@ class ScGPTAdapter(Adapter):
                            d_hid=int(args["d_hid"]), n_layers=int(args["nlayers"]), dropout=float(args["dropout"]),
                            pad_id=vocab[pad_token],
                            heads=_heads(state, int(n_cls_layers) if n_cls_layers is not None else None))
-        expected = model.state_dict()
-        extra = sorted(set(state) - set(expected))
-        lacking = sorted(set(expected) - set(state))
-        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if extra or lacking or wrong:
-            parts = []
-            if lacking:
-                parts.append(f"missing {len(lacking)} key(s): {', '.join(lacking[:8])}")
-            if extra:
-                parts.append(f"{len(extra)} unexpected key(s): {', '.join(extra[:8])}")
-            if wrong:
-                parts.append("shape mismatch: " + ", ".join(
-                    f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:8]))
-            raise CheckpointError(
-                f"scGPT best_model.pt does not match args.json/vocab.json ({len(vocab)} tokens): " + "; ".join(parts),
-                "use best_model.pt, vocab.json and args.json from the same official scGPT checkpoint folder")
-        model.load_state_dict(state, strict=True)
+        load_strict(model, state,
+                    what=f"scGPT {str(self.checkpoint / 'best_model.pt')!r} does not match args.json/vocab.json "
+                         f"({len(vocab)} tokens)",
+                    fix="use best_model.pt, vocab.json and args.json from the same official scGPT checkpoint folder")
         model.eval().to(device=device, dtype=dtype)
         self.model, self.vocab, self.args = model, vocab, args
         self.device, self.dtype = device, dtype
         self._pad_id = vocab[pad_token]
         self._cls_id = vocab["<cls>"]
         self._pad_value = float(args["pad_value"])
+        self._dim = model.d_model
 
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
+    def prepare(self, genes: GeneTable) -> GenePlan:
         """Match the dataset's gene symbols to the vocabulary (exactly, as ``embed_data``)."""
-        if not self.vocab:
-            raise RuntimeError("scgpt: call load() before prepare()")
+        self.require_loaded("prepare()")
         ids = np.fromiter((self.vocab.get(str(s), -1) for s in genes.symbols), dtype=np.int64, count=len(genes))
         specials = {self.vocab[t] for t in _SPECIAL_TOKENS}
         ids[np.isin(ids, list(specials))] = -1
-        self._cols = np.flatnonzero(ids >= 0)
-        self._col_ids = ids[self._cols]
-        return GeneOverlap(n_vocab=len(self.vocab) - len(specials), n_vocab_in_data=len(np.unique(self._col_ids)),
-                           n_data=len(genes), n_data_used=len(self._cols))
+        cols = np.flatnonzero(ids >= 0)
+        overlap = GeneOverlap(n_vocab=len(self.vocab) - len(specials), n_vocab_in_data=len(np.unique(ids[cols])),
+                              n_data=len(genes), n_data_used=len(cols))
+        return GenePlan(overlap, columns=cols, vocab_ids=ids[cols])
 
     # -- per chunk / batch --------------------------------------------------------------------
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """Per cell: ``<cls>`` + non-zero in-vocab genes (binned, sampled to ``max_length``)."""
-        if self._cols is None:
-            raise RuntimeError("scgpt: call prepare(genes) before tokenize()")
-        X = chunk.X[:, self._cols].tocsr()
+        X = chunk.X[:, plan.columns].tocsr()
         X.eliminate_zeros()
         X.sort_indices()
         keep = self.max_length - 1
         cells = []
         for r in range(X.shape[0]):
             lo, hi = X.indptr[r], X.indptr[r + 1]
-            genes = self._col_ids[X.indices[lo:hi]]
+            genes = plan.vocab_ids[X.indices[lo:hi]]
             values = X.data[lo:hi]
             rng = np.random.default_rng(cell_seed(str(chunk.cell_ids[r]), self.seed))
             bins = _bin_values(values, rng) if len(values) else np.empty(0, np.int64)
@@ -376,7 +360,7 @@ class ScGPTAdapter(Adapter):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last hidden states (B, L, D) of ``TransformerModel._encode``; pads masked as keys."""
-        assert self.model is not None, "call load() first"
+        self.require_loaded("forward()")
         keep = batch["attention_mask"].to(self.device, torch.bool)
         ids = batch["gene_ids"].to(self.device, torch.long).masked_fill(~keep, self._pad_id)
         values = batch["values"].to(self.device, self.dtype).masked_fill(~keep, self._pad_value)
@@ -388,12 +372,6 @@ class ScGPTAdapter(Adapter):
         return F.normalize(cls, p=2, dim=1) if self.normalize else cls
 
     # -- description --------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        if self.model is None:
-            raise RuntimeError("scgpt: dim is known after load()")
-        return self.model.d_model
-
     def settings(self) -> dict[str, Any]:
         return {
             "gene_match": "symbol (exact) -> vocab.json; special tokens excluded",

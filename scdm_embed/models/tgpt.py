@@ -29,19 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._errors import CheckpointError
-from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, hash_path
-from ._options import Option, at_least
-from ._sentences import (
-    check_loading_info,
-    hf_offline,
-    load_hf_weights,
-    ranked_columns,
-    read_hf_config,
-    wrap_sequences,
-    zeroed_mean,
-)
+from ..errors import CheckpointError
+from ..genes import GeneTable
+from ._hf import check_loading_info, hf_offline, load_hf_weights, read_hf_config
+from ._sentences import ranked_columns, wrap_sequences, zeroed_mean
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan, hash_path
+from .options import Option, at_least
 
 _SYMBOL_SUB = r"[-.]"  #: characters the tGPT LineDataset replaces with "_"
 _WORD = re.compile(r"\w+")  #: what survives the tokenizer's Whitespace pre-tokenizer as one token
@@ -75,7 +68,6 @@ class TGPTAdapter(Adapter):
     def __init__(self, checkpoint: str | Path | None = None, **options: Any) -> None:
         super().__init__(checkpoint, **options)
         self.model: torch.nn.Module | None = None
-        self._dim: int | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     def _tokenizer_dir(self) -> Path:
@@ -155,19 +147,22 @@ class TGPTAdapter(Adapter):
         self.device, self.dtype = device, dtype
         self._dim = int(config.n_embd)
 
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
-        """Map each dataset gene (symbol, ``-``/``.`` -> ``_``) to its vocabulary id."""
-        if self.model is None:
-            raise RuntimeError("call load() before prepare()")
+    def prepare(self, genes: GeneTable) -> GenePlan:
+        """Map each dataset gene (symbol, ``-``/``.`` -> ``_``) to its vocabulary id.
+
+        ``data["token_of"]`` is the token of every dataset column (-1 where none).
+        """
+        self.require_loaded("prepare()")
         names = pd.Series(np.asarray(genes.symbols, dtype=object)).fillna("").astype(str)
         names = names.str.replace(_SYMBOL_SUB, "_", regex=True)
         ids = names.map(self._vocab).to_numpy()
         hit = pd.notna(ids) & (names.to_numpy() != "")
-        self._cols = np.flatnonzero(hit)
-        self._token_of = np.full(len(names), -1, dtype=np.int64)
-        self._token_of[self._cols] = ids[hit].astype(np.int64)
-        return GeneOverlap(n_vocab=len(self._vocab), n_vocab_in_data=len(np.unique(self._token_of[self._cols])),
-                           n_data=len(names), n_data_used=len(self._cols))
+        cols = np.flatnonzero(hit)
+        token_of = np.full(len(names), -1, dtype=np.int64)
+        token_of[cols] = ids[hit].astype(np.int64)
+        overlap = GeneOverlap(n_vocab=len(self._vocab), n_vocab_in_data=len(np.unique(token_of[cols])),
+                              n_data=len(names), n_data_used=len(cols))
+        return GenePlan(overlap, columns=cols, vocab_ids=token_of[cols], data={"token_of": token_of})
 
     # -- per chunk / batch ----------------------------------------------------------------
     @property
@@ -175,10 +170,10 @@ class TGPTAdapter(Adapter):
         """Genes per sentence: ``max_len`` minus ``</b>`` and ``</s>`` (62 for the published model)."""
         return self._max_len - 2
 
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """``</b>`` + top expressed in-vocabulary genes (descending, ties in var order) + ``</s>``."""
-        cols, offsets = ranked_columns(chunk.X, self.n_genes, columns=self._cols)
-        seqs = wrap_sequences(self._token_of[cols], offsets, prefix=self._bos, suffix=self._eos)
+        cols, offsets = ranked_columns(chunk.X, self.n_genes, columns=plan.columns)
+        seqs = wrap_sequences(plan["token_of"][cols], offsets, prefix=self._bos, suffix=self._eos)
         return [{"input_ids": s} for s in seqs]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

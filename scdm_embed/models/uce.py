@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import CheckpointError, InputError
-from .._genes import GeneTable
-from ._base import Adapter, CellChunk, GeneOverlap, cell_seed
-from ._layers import Encoder
-from ._options import Option, at_least
+from ..errors import CheckpointError, InputError
+from ..genes import GeneTable
+from ._checkpoint import load_strict
 from ._safe_load import read_pickle, torch_load
+from .base import Adapter, CellChunk, GeneOverlap, GenePlan, cell_seed
+from .nn.attention import Encoder
+from .options import Option, at_least
 
 #: species -> protein-embedding file (``get_species_to_pe`` of the original)
 _SPECIES_FILES: dict[str, str] = {
@@ -147,7 +148,8 @@ def _need(path: Path, what: str) -> Path:
 
 
 def _state_key(name: str) -> str:
-    """Our parameter name -> the original checkpoint key."""
+    """Our parameter name -> the original checkpoint key (the packed q/k/v projection is a
+    ``Linear`` called ``self_attn.in_proj`` here, so LoRA can wrap it)."""
     return name.replace("self_attn.in_proj.weight", "self_attn.in_proj_weight").replace(
         "self_attn.in_proj.bias", "self_attn.in_proj_bias")
 
@@ -280,16 +282,10 @@ class UCEAdapter(Adapter):
 
         model = UCEModel(token_dim=token_dim, d_model=d_model, nhead=nhead, d_hid=d_hid, nlayers=nlayers,
                          output_dim=output_dim, max_len=sd["pos_encoder.pe"].shape[0], n_tokens=1)
-        own = {_state_key(k): k for k in model.state_dict() if not k.startswith("pe_embedding.")}
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own) - {"pe_embedding.weight"})
-        if missing or unexpected:
-            raise CheckpointError(f"UCE checkpoint {model_path.name!r} does not match a {nlayers}-layer "
-                                  f"TransformerModel: missing {missing[:8]}, unexpected {unexpected[:8]}", _FIX)
-        try:
-            model.load_state_dict({own[k]: sd[k] for k in own}, strict=False)
-        except RuntimeError as err:
-            raise CheckpointError(f"UCE checkpoint {model_path.name!r} has wrong shapes: {err}", _FIX) from err
+        # pe_embedding: the token table chosen above replaces it (on both sides, not loaded here)
+        load_strict(model, sd, ignore=("pe_embedding.",), checkpoint_key=_state_key,
+                    what=f"UCE checkpoint {str(model_path)!r} does not match a {nlayers}-layer TransformerModel",
+                    fix=_FIX)
         model.pe_embedding = nn.Embedding.from_pretrained(_norm_rows(table), freeze=True)
 
         # species gene files
@@ -347,10 +343,13 @@ class UCEAdapter(Adapter):
         self._dim = int(output_dim)
 
     # -- genes ----------------------------------------------------------------------------
-    def prepare(self, genes: GeneTable) -> GeneOverlap:
-        """Map the dataset's OWN genes to token rows, chromosome codes and genomic starts."""
-        if self.model is None:
-            raise RuntimeError("call load() before prepare()")
+    def prepare(self, genes: GeneTable) -> GenePlan:
+        """Map the dataset's OWN genes to token rows, chromosome codes and genomic starts.
+
+        ``columns``/``vocab_ids``: the used dataset columns and their token rows; ``plan["start"]``
+        their genomic starts, ``plan["chrom"]`` dense chromosome ids and ``plan["chrom_tok"]``
+        the token of each dense chromosome."""
+        self.require_loaded("prepare")
         symbols = np.array([str(s).upper() for s in genes.symbols], dtype=object)
         info = self._gene_info
         cols = np.array([i for i, s in enumerate(symbols) if s in info], dtype=np.int64)
@@ -358,24 +357,29 @@ class UCEAdapter(Adapter):
             raise InputError(f"none of the dataset's {len(genes)} gene symbols has a UCE {self.species} "
                              "protein embedding", "pass gene symbols (var_names or --gene-key) and the right species=")
         rows = [info[s] for s in symbols[cols]]
-        self._cols = cols
-        self._tok = np.array([r[0] for r in rows], dtype=np.int64)
+        tok = np.array([r[0] for r in rows], dtype=np.int64)
         codes = np.array([r[1] for r in rows], dtype=np.int64)
-        self._start = np.array([r[2] for r in rows], dtype=np.float64)
-        uniq, self._chrom = np.unique(codes, return_inverse=True)  # dense chromosome ids
-        self._chrom_tok = uniq + self._cfg["chrom_token_offset"]
+        start = np.array([r[2] for r in rows], dtype=np.float64)
+        uniq, chrom = np.unique(codes, return_inverse=True)  # dense chromosome ids
         longest = 1 + self.sample_size + 2 * min(len(uniq), self.sample_size)
         limit = min(self.pad_length, self._cfg["max_len"])
         if longest > limit:
             raise InputError(f"UCE sentences could reach {longest} tokens (> {limit}: pad_length / positions)",
                              "use a smaller sample_size=")
-        return GeneOverlap(n_vocab=len(info), n_vocab_in_data=len(set(symbols[cols])),
-                           n_data=len(genes), n_data_used=int(cols.size))
+        overlap = GeneOverlap(n_vocab=len(info), n_vocab_in_data=len(set(symbols[cols])),
+                              n_data=len(genes), n_data_used=int(cols.size))
+        return GenePlan(overlap=overlap, columns=cols, vocab_ids=tok,
+                        data={"start": start, "chrom": chrom.astype(np.int64),
+                              "chrom_tok": (uniq + self._cfg["chrom_token_offset"]).astype(np.int64)})
 
     # -- tokens ---------------------------------------------------------------------------
-    def tokenize(self, chunk: CellChunk) -> list[dict[str, np.ndarray]]:
+    def tokenize(self, chunk: CellChunk, plan: GenePlan) -> list[dict[str, np.ndarray]]:
         """Per-cell sentences ``<cls> (chrom genes-by-start 2)*`` (not padded)."""
-        X = sp.csr_matrix(chunk.X)[:, self._cols]
+        if plan.overlap.n_data != chunk.X.shape[1]:
+            raise InputError(f"uce: the chunk has {chunk.X.shape[1]} genes but the gene plan was made for "
+                             f"{plan.overlap.n_data}", "tokenize with the plan prepare() made for these genes")
+        tok, start, chrom, chrom_tok = plan.vocab_ids, plan["start"], plan["chrom"], plan["chrom_tok"]
+        X = sp.csr_matrix(chunk.X)[:, plan.columns]
         X.sum_duplicates()
         n, s = X.shape[0], self.sample_size
         # the original stores counts as int64 (truncating); weights = log1p(counts)
@@ -392,7 +396,7 @@ class UCEAdapter(Adapter):
         frac = (cum[1:] - np.repeat(cum[begins], counts)) / np.repeat(total, counts)
         frac[ends[counts > 0] - 1] = 1.0  # exact row end
         keys = row + frac
-        n_chrom = len(self._chrom_tok)
+        n_chrom = len(chrom_tok)
         u = np.empty((n, s))
         rank = np.empty((n, n_chrom), dtype=np.int64)
         for i, cid in enumerate(chunk.cell_ids):
@@ -404,8 +408,8 @@ class UCEAdapter(Adapter):
         pick = np.clip(pick, begins[live, None], ends[live, None] - 1)
         g = col[pick]  # (n_live, s) used-gene indices
         r = np.broadcast_to(np.arange(len(live))[:, None], g.shape)
-        crank = rank[live[:, None], self._chrom[g]]
-        order = np.lexsort((g.ravel(), self._start[g].ravel(), crank.ravel(), r.ravel())).reshape(g.shape)
+        crank = rank[live[:, None], chrom[g]]
+        order = np.lexsort((g.ravel(), start[g].ravel(), crank.ravel(), r.ravel())).reshape(g.shape)
         order -= (np.arange(len(live)) * s)[:, None]
         g = np.take_along_axis(g, order, 1)
         crank = np.take_along_axis(crank, order, 1)
@@ -420,8 +424,8 @@ class UCEAdapter(Adapter):
         sent[:, 0] = _CLS
         j = np.arange(s)[None, :] + 1 + 2 * grp  # position of each gene's chromosome-open slot
         ri = np.broadcast_to(np.arange(len(live))[:, None], g.shape)
-        sent[ri, j + 1] = self._tok[g]
-        sent[ri[new], j[new]] = self._chrom_tok[self._chrom[g[new]]]
+        sent[ri, j + 1] = tok[g]
+        sent[ri[new], j[new]] = chrom_tok[chrom[g[new]]]
         sent[ri[last], j[last] + 2] = _CHROM_RIGHT
         out: list[dict[str, np.ndarray]] = [{"input_ids": np.array([_CLS], dtype=np.int64)} for _ in range(n)]
         for k, i in enumerate(live):
@@ -430,18 +434,13 @@ class UCEAdapter(Adapter):
 
     # -- model ----------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.require_loaded("forward")
         hidden, cell = self.model(batch["input_ids"], batch.get("attention_mask"))
         return {"hidden": hidden, "cell": cell}
 
     def pool(self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder output at ``<cls>``, L2-normalised (``obsm["X_uce"]``)."""
         return output["cell"].float()
-
-    @property
-    def dim(self) -> int:
-        if self._dim is None:
-            raise RuntimeError("UCE's embedding width is known after load()")
-        return self._dim
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -150,10 +150,10 @@ def test_bad_input_found_mid_extraction_is_rolled_back(pc9_small, populated_stor
     class PickyPCA(PCAAdapter):
         name = "picky"
 
-        def tokenize(self, chunk):
+        def tokenize(self, chunk, plan):
             if chunk.start >= 48:
                 raise InputError(f"cell {chunk.cell_ids[0]} has no counts on the model's genes", "filter such cells first")
-            return super().tokenize(chunk)
+            return super().tokenize(chunk, plan)
 
     register_adapter("picky", PickyPCA)
     try:

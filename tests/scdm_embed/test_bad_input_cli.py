@@ -17,8 +17,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from scdm_embed._cli_common import friendly_errors
 from scdm_embed.cli import app
+from scdm_embed.cli_support import friendly_errors
 from tests.conftest import store_snapshot
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from scdm_embed import GeneTable, ensembl_to_symbols, symbols_to_ensembl
-from scdm_embed._genes import looks_like_ensembl, strip_version
+from scdm_embed.genes import looks_like_ensembl, strip_version
 
 
 def test_symbol_to_ensembl_known_genes():

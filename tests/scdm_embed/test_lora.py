@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from scdm_embed import ScdmError
-from scdm_embed._batching import collate
-from scdm_embed.lora import apply_lora, lora_modules, lora_targets
+from scdm_embed.models.lora import apply_lora, lora_modules, lora_targets
+from scdm_embed.runner import collate
 from tests.scdm_embed.models._performer_ckpt import (
     scgpt_symbols,
     write_celllm_checkpoint,
@@ -45,7 +45,7 @@ def _checkpoint(model, fixtures_dir, vocab_dir, tmp_path):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_lora_target_gets_a_gradient(model, fixtures_dir, vocab_dir, tmp_path):
-    from scdm_embed._genes import GeneTable
+    from scdm_embed.genes import GeneTable
 
     cells = read_cells(fixtures_dir / "tgpt" / "cells.h5ad", rows=[0, 1, 40], float32=True)
     genes = GeneTable.from_var(cells.var)
@@ -60,7 +60,7 @@ def test_every_lora_target_gets_a_gradient(model, fixtures_dir, vocab_dir, tmp_p
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable), "only LoRA weights train"
 
-    toks = a.tokenize(make_chunk(cells.X, genes, cells.obs_names))
+    toks = a.tokenize(make_chunk(cells.X, genes, cells.obs_names), a.prepare(genes))
     batch = collate(toks, sequence_keys=a.sequence_keys, pad_values=dict(a.pad_values), device=a.device)
     net.eval()
     with torch.enable_grad():

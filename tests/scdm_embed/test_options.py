@@ -10,49 +10,27 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scdm_embed._errors import ScdmError
-from scdm_embed._store import EmbeddingStore
 from scdm_embed.cli import app
+from scdm_embed.errors import ScdmError
 from scdm_embed.models import available_models, get_adapter
-from scdm_embed.models._options import OPTION_TYPES
-
-from .models._performer_ckpt import (
-    CELLLM_GENES,
-    SCBERT_GENES,
-    scgpt_symbols,
-    write_celllm_checkpoint,
-    write_scbert_checkpoint,
-)
-from .models._shared import read_cells
+from scdm_embed.models.options import OPTION_TYPES
+from scdm_embed.store import EmbeddingStore
 
 runner = CliRunner()
 MODELS = available_models()
-#: models whose checkpoint is a reference fixture folder
-FIXTURE_MODELS = ("geneformer", "tgpt", "scgpt", "scfoundation", "uce", "cellplm")
 #: a value each option type cannot take
 BAD_VALUE = {bool: "maybe", int: "abc", float: "abc"}
 
 
 @pytest.fixture(scope="module")
-def cells(tmp_path_factory, fixtures_dir: Path) -> Path:
-    """8 fixture cells (4 sensitive, 4 resistant) as a small .h5ad."""
-    a = read_cells(fixtures_dir / "scgpt" / "cells.h5ad", rows=np.r_[0:4, 32:36])
-    path = tmp_path_factory.mktemp("cells") / "cells8.h5ad"
-    a.write_h5ad(path)
-    return path
+def cells(cells8: Path) -> Path:
+    return cells8
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory, fixtures_dir: Path, vocab_dir: Path) -> dict[str, list[str]]:
-    """``--checkpoint`` arguments per model: fixtures where they exist, small random Performer
-    checkpoints (official layout) for scbert/celllm, the bundled MiniLM for lm, none for pca/hvg."""
-    tmp = tmp_path_factory.mktemp("ckpts")
-    args: dict[str, list[str]] = {m: ["--checkpoint", str(fixtures_dir / m / "checkpoint")] for m in FIXTURE_MODELS}
-    args["scbert"] = ["--checkpoint", str(write_scbert_checkpoint(tmp / "scbert", scgpt_symbols(vocab_dir, SCBERT_GENES)))]
-    args["celllm"] = ["--checkpoint", str(write_celllm_checkpoint(tmp / "celllm", scgpt_symbols(vocab_dir, CELLLM_GENES)))]
-    args["lm"] = ["--checkpoint", "minilm"]
-    args["pca"] = args["hvg"] = []
-    return args
+def checkpoints(model_checkpoints: dict[str, str | None]) -> dict[str, list[str]]:
+    """``--checkpoint`` arguments per model (``tests/scdm_embed/conftest.py``)."""
+    return {m: [] if c is None else ["--checkpoint", c] for m, c in model_checkpoints.items()}
 
 
 def _extract(cells: Path, model: str, ckpt: list[str], store: Path, *options: str):

@@ -29,9 +29,9 @@ SLOW = textwrap.dedent(
 
     class SlowPCA(PCAAdapter):
         name = "pca"
-        def tokenize(self, chunk):
+        def tokenize(self, chunk, plan):
             time.sleep(0.4)
-            return super().tokenize(chunk)
+            return super().tokenize(chunk, plan)
 
     register_adapter("pca", SlowPCA)
     extract(sys.argv[1], model="pca", store=sys.argv[2], dataset="pc9", chunk_size=int(sys.argv[3]), progress=False)
@@ -43,9 +43,9 @@ class CountingPCA(PCAAdapter):
     name = "pca"
     tokenized: list[int] = []
 
-    def tokenize(self, chunk):
+    def tokenize(self, chunk, plan):
         CountingPCA.tokenized.append(chunk.start // CHUNK)
-        return super().tokenize(chunk)
+        return super().tokenize(chunk, plan)
 
 
 def _done(store):

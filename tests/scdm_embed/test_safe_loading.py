@@ -23,10 +23,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from scdm_embed._errors import CheckpointError
-from scdm_embed._store import EmbeddingStore
 from scdm_embed.cli import app
+from scdm_embed.errors import CheckpointError
 from scdm_embed.models._safe_load import read_npy, read_pickle, read_safetensors, torch_load
+from scdm_embed.store import EmbeddingStore
 
 from .models._performer_ckpt import scgpt_symbols, write_celllm_checkpoint, write_scbert_checkpoint
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from scdm_embed import EmbeddingStore, StaleCacheError, StoreError, extract, store_table
+from scdm_embed.store import FORMAT_VERSION, VERSIONS
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,30 @@ def test_every_group_is_versioned(store):
         assert "encoding-type" in attrs and "encoding-version" in attrs, p
     root = json.loads((store / "zarr.json").read_text())
     assert root["zarr_format"] == 3 and root["attributes"]["encoding-type"] == "scdm-store"
+
+
+def test_each_element_kind_carries_its_own_version(store):
+    """Every scdm group and array is stamped with the schema's current version of its kind."""
+    seen = set()
+    for p in store.rglob("zarr.json"):
+        attrs = json.loads(p.read_text())["attributes"]
+        kind = attrs.get("encoding-type")
+        if kind in VERSIONS:  # anndata's own elements (dataframes, their columns) carry anndata's versions
+            assert attrs["encoding-version"] == VERSIONS[kind], (p, kind)
+            seen.add(kind)
+    assert seen == set(VERSIONS) - {"scdm-split"}  # no split made here
+    assert VERSIONS["scdm-store"] == FORMAT_VERSION
+
+
+def test_provenance_reads_as_typed_records(store):
+    st = EmbeddingStore(store)
+    rec = st.embedding_record("pca", "pc9")
+    assert (rec.model, rec.dim, rec.chunk_rows, rec.complete, rec.trust_checkpoint) == ("pca", 50, 100, True, False)
+    assert rec.telemetry.cells_per_s > 0 and rec.telemetry.batch_size > 0
+    assert rec.missing == ("cell_context",) and rec.extra == {}  # pca's cells do not attend to each other
+    assert rec.provenance.input_hash == st.dataset_record("pc9").input_hash
+    assert st.dataset_record("pc9").missing == () and st.dataset_record("pc9").cells_hash.startswith("sha256:")
+    assert st.embedding_record("pca", "nope") is None
 
 
 def test_provenance_recorded(store):

@@ -8,8 +8,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 
-from scdm_embed._input import META_KEYS, read_input
 from scdm_embed._synthetic import synthetic_cohort
+from scdm_embed.inputs import META_KEYS, read_input
 
 
 def _lognorm(a) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from scdm_embed._errors import ScdmError
+from scdm_embed.errors import ScdmError
 from scdm_eval import CLASSIFIERS, Classifier, make_classifier
 from tests.scdm_eval.conftest import FAST
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from scdm_embed._store import EmbeddingStore
+from scdm_embed.store import EmbeddingStore
 from scdm_eval.cli import app
 
 runner = CliRunner()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from scdm_embed._store import EmbeddingStore
+from scdm_embed.store import EmbeddingStore
 from scdm_eval import list_splits
 from scdm_eval.cli import app
 from tests.conftest import store_snapshot

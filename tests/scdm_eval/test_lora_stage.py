@@ -1,13 +1,16 @@
 """The LoRA stage: tGPT (tiny fixture checkpoint) fine-tuned on 60 real PC9 cells under the saved splits.
 
 Checks: one row per partition in the results schema, the very partitions ``scdm-eval run`` uses,
-only LoRA + head weights train (and they move), seeded reruns are identical, moved / foreign
-inputs, refusals, the CLI, and one summary table with the frozen-embedding classifiers.
+only LoRA + head weights train (and they move), seeded reruns are identical, training goes
+through the Runner's token budget (micro-batches, same rows), moved / foreign inputs, refusals
+(a store without recorded options included), the CLI, and one summary table with the
+frozen-embedding classifiers.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import shutil
 
@@ -20,7 +23,7 @@ from typer.testing import CliRunner
 
 import scdm_embed as se
 from scdm_embed import ScdmError, StoreError
-from scdm_embed.lora import apply_lora, lora_modules
+from scdm_embed.models.lora import apply_lora, lora_modules
 from scdm_eval import (
     METRICS,
     RESULT_COLUMNS,
@@ -30,7 +33,7 @@ from scdm_eval import (
     run_lora,
     summarize,
 )
-from scdm_eval._lora import _fit_partition, _prepare_context
+from scdm_eval._finetune import _fit_partition, _prepare_context
 from scdm_eval.cli import app
 
 pytestmark = [pytest.mark.filterwarnings("ignore::scdm_eval.LeakageWarning"),
@@ -38,6 +41,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::scdm_eval.LeakageWarning"),
 
 DS = "pc9_60"
 QUICK = {"folds": 3, "epochs": 2, "batch_size": 16, "device": "cpu"}
+runner = CliRunner()
 
 
 def _subset(pc9_path, path, start):
@@ -98,7 +102,7 @@ def test_rows_follow_the_saved_splits(lora_store):
 
 
 def test_only_lora_and_head_weights_train(lora_store, tgpt_ckpt):
-    from scdm_embed._store import EmbeddingStore
+    from scdm_embed.store import EmbeddingStore
 
     st = EmbeddingStore(lora_store)
     splits = make_splits(st, folds=3, seed=0)
@@ -139,8 +143,85 @@ def test_same_seed_same_rows(lora_store):
     pd.testing.assert_frame_equal(a, b)
 
 
+def _padded_tokens_per_forward(module: torch.nn.Module) -> list[int]:
+    """Record batch x length of every forward through the first LoRA target (``c_attn``) of ``module``.
+
+    A forward hook on the pristine template: ``deepcopy`` carries it into each partition's copy,
+    and LoRA keeps the original layer (as ``base_layer``), so the real forward passes are seen.
+    """
+    seen: list[int] = []
+    target = next(m for n, m in module.named_modules() if n.endswith("c_attn"))
+    target.register_forward_pre_hook(lambda _m, args: seen.append(int(args[0].shape[0] * args[0].shape[1])))
+    return seen
+
+
+def test_training_goes_through_the_token_budget(lora_store):
+    from scdm_embed.runner import token_lengths
+    from scdm_embed.store import EmbeddingStore
+
+    st = EmbeddingStore(lora_store)
+    splits = make_splits(st, folds=3, seed=0)
+    ctx = _prepare_context(st, splits.table.index, model="tgpt", checkpoint=None, input=None, model_options=None,
+                           device=torch.device("cpu"))
+    seen = _padded_tokens_per_forward(ctx.base)
+    lengths = token_lengths(ctx.tokens, ctx.adapter.sequence_keys)
+    budget = int(lengths.max())  # room for the longest cell, so most forwards hold one cell
+    part = next(iter(splits))
+    y = splits.table["label"].to_numpy().astype(np.int64)
+    kw = {"seed": 3, "epochs": 2, "lr": 1e-3, "batch_size": 16, "dropout": 0.0}  # no dropout: splitting is exact
+    whole = _fit_partition(ctx, y, part.train, part.test, token_budget=0, **kw)
+    n_whole, big = len(seen), max(seen)
+    seen.clear()
+    micro = _fit_partition(ctx, y, part.train, part.test, token_budget=budget, **kw)
+    assert max(seen) <= budget < big, "a forward went over the token budget"
+    assert len(seen) > n_whole  # the 16-cell steps ran as micro-batches
+    # the micro-batch gradients add up to the whole step's: the same training, up to float32 summation order
+    np.testing.assert_allclose(micro.losses, whole.losses, rtol=1e-5)
+    np.testing.assert_allclose(micro.proba, whole.proba, atol=1e-5)
+    assert not np.allclose(micro.losses[0], micro.losses[1], rtol=1e-7), "it did not train"
+
+
+def test_a_tiny_token_budget_gives_the_same_rows(lora_store):
+    kw = {**QUICK, "epochs": 1, "max_partitions": 1, "dropout": 0.0}
+    tiny = run_lora(lora_store, model="tgpt", token_budget=1, **kw)  # one cell per forward
+    whole = run_lora(lora_store, model="tgpt", token_budget=0, **kw)  # no cap: one forward per step
+    assert tiny.attrs["lora"]["token_budget"] == 1 and whole.attrs["lora"]["token_budget"] is None
+    metrics = [m for m in METRICS if m != "precision"]
+    np.testing.assert_allclose(tiny[metrics].to_numpy(float), whole[metrics].to_numpy(float), atol=1e-6)
+    np.testing.assert_allclose(tiny.attrs["lora"]["fits"][0]["train_loss"], whole.attrs["lora"]["fits"][0]["train_loss"],
+                               rtol=1e-5)
+    with pytest.raises(ScdmError, match="token_budget must be"):
+        run_lora(lora_store, model="tgpt", token_budget=-1, **kw)
+
+
+def _tree_digest(path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_a_store_without_recorded_options_is_refused(store_copy):
+    from scdm_embed.store import EmbeddingStore
+
+    g = EmbeddingStore(store_copy, mode="a").embedding_group("tgpt", DS)
+    assert g.attrs["options"] == {"max_len": None, "tokenizer": None}  # extraction records every option
+    del g.attrs["options"]  # as a store written before the options were recorded
+    before = _tree_digest(store_copy)
+    r = runner.invoke(app, ["lora", "--store", str(store_copy), "--model", "tgpt", "--folds", "3", "--epochs", "1",
+                            "--device", "cpu", "--out", str(store_copy.parent / "o"), "-q"])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "error:" in r.output and "fix:" in r.output
+    assert "does not record the tgpt options" in r.output and "--option" in r.output
+    assert _tree_digest(store_copy) == before, "a refused run changed the store"
+    # the fix works: options given (here the defaults) are used as they are
+    res = run_lora(store_copy, model="tgpt", model_options={}, max_partitions=1, **{**QUICK, "epochs": 1})
+    assert len(res) == 1 and res.attrs["lora"]["model_options"] == {}
+
+
 def test_moved_and_foreign_inputs(store_copy, cells_h5ad, pc9_path, tmp_path):
-    from scdm_embed._store import EmbeddingStore
+    from scdm_embed.store import EmbeddingStore
 
     st = EmbeddingStore(store_copy, mode="a")
     st.root["datasets"][DS].attrs["source"] = str(tmp_path / "gone" / f"{DS}.h5ad")
@@ -166,7 +247,7 @@ def test_refusals(store_copy, tgpt_ckpt):
     assert "scdm-eval run" in e.value.fix
     with pytest.raises(ScdmError, match="epochs must be"):
         run_lora(store_copy, model="tgpt", **{**QUICK, "epochs": 0})
-    from scdm_embed._store import EmbeddingStore
+    from scdm_embed.store import EmbeddingStore
 
     EmbeddingStore(store_copy, mode="a").delete_embedding("tgpt", DS)
     with pytest.raises(StoreError, match="records no tgpt extraction") as e:
@@ -185,9 +266,6 @@ def test_one_summary_with_the_frozen_classifiers(lora_store):
     assert set(s["classifier"]) == {"logreg", "lora"} and set(s["model"]) == {"tgpt"}
     assert (s["n_folds"] == 3).all() and (s["n_cells"] == 60).all()
     assert all(s[f"{m}_mean"].notna().all() for m in METRICS if m != "precision")
-
-
-runner = CliRunner()
 
 
 def test_cli(lora_store, tmp_path):

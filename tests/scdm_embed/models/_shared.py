@@ -12,9 +12,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._genes import GeneTable
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import Adapter, CellChunk
+from scdm_embed.models.base import Adapter, CellChunk, GenePlan
 
 CPU = torch.device("cpu")
 
@@ -88,13 +88,24 @@ def geneformer_v2_tokens(X: Any, ens: Any, gc95m: Path, *, n_counts: Any = None,
 
 def load_adapter(model: str | type[Adapter], checkpoint: Any, genes: GeneTable | None = None, *,
                  dtype: torch.dtype = torch.float32, **options: Any) -> Any:
-    """``model`` (registry name or class) on ``checkpoint``, loaded on CPU, prepared for ``genes``."""
+    """``model`` (registry name or class) on ``checkpoint``, loaded on CPU.
+
+    With ``genes``, also checks that ``prepare(genes)`` succeeds (the adapter keeps nothing of
+    it: use :func:`load_prepared` for the plan).
+    """
     cls = get_adapter(model) if isinstance(model, str) else model
     a = cls(checkpoint, **options)
     a.load(device=CPU, dtype=dtype)
     if genes is not None:
         a.prepare(genes)
     return a
+
+
+def load_prepared(model: str | type[Adapter], checkpoint: Any, genes: GeneTable, *,
+                  dtype: torch.dtype = torch.float32, **options: Any) -> tuple[Any, GenePlan]:
+    """``model`` loaded on CPU and its gene plan for ``genes``: ``(adapter, plan)``."""
+    a = load_adapter(model, checkpoint, dtype=dtype, **options)
+    return a, a.prepare(genes)
 
 
 def make_chunk(X: Any, genes: GeneTable, cell_ids: Any = None) -> CellChunk:

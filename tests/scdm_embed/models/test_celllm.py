@@ -20,11 +20,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._batching import collate, embed_matrix
-from scdm_embed._errors import CheckpointError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
 from scdm_embed.models.celllm import CellLMAdapter
+from scdm_embed.runner import collate, embed_matrix
 
 from ._performer_ckpt import (
     CELLLM_GENES,
@@ -72,6 +72,11 @@ def embeddings(adapter: CellLMAdapter, cells: ad.AnnData, genes: GeneTable) -> n
 
 
 _chunk = make_chunk  # (X, genes): float32 CSR, ids c0, c1, ...
+
+
+def _tok(a, X, genes: GeneTable) -> list[dict[str, np.ndarray]]:
+    """``a.tokenize`` of an ``_chunk(X, genes)`` following a fresh plan for ``genes``."""
+    return a.tokenize(_chunk(X, genes), a.prepare(genes))
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -142,7 +147,7 @@ def test_checkpoint_errors(tmp_path: Path, ckpt: Path, model_genes: list[str]) -
 # -- tokenization ---------------------------------------------------------------------------
 def test_sequence_matches_hand_computation(adapter: CellLMAdapter, cells: ad.AnnData, genes: GeneTable,
                                            model_genes: list[str]) -> None:
-    toks = adapter.tokenize(_chunk(cells.X[:3], genes))
+    toks = _tok(adapter, cells.X[:3], genes)
     for r in range(3):
         tokens, gene_pos = _hand_sequence(cells, r, model_genes, 6000)
         np.testing.assert_array_equal(toks[r]["tokens"], np.append(tokens, 7))
@@ -152,7 +157,7 @@ def test_sequence_matches_hand_computation(adapter: CellLMAdapter, cells: ad.Ann
 
 def test_truncation_to_max_seq_len(ckpt: Path, cells: ad.AnnData, genes: GeneTable, model_genes: list[str]) -> None:
     a = _adapter(ckpt, genes, max_seq_len=50)
-    t = a.tokenize(_chunk(cells.X[:1], genes))[0]
+    t = _tok(a, cells.X[:1], genes)[0]
     tokens, gene_pos = _hand_sequence(cells, 0, model_genes, 50)
     assert len(t["tokens"]) == 51  # CLS + 49 genes, + the PAD key (weight 0 here)
     np.testing.assert_array_equal(t["tokens"][:-1], tokens)
@@ -165,7 +170,7 @@ def test_gene_identity_not_column_order(adapter: CellLMAdapter, cells: ad.AnnDat
     perm = np.random.default_rng(1).permutation(X.shape[1])
     shuffled = GeneTable(symbols=genes.symbols[perm], ensembl=genes.ensembl[perm])
     a = _adapter(adapter.checkpoint, shuffled)
-    for x, y in zip(adapter.tokenize(_chunk(X, genes)), a.tokenize(_chunk(X[:, perm], shuffled)), strict=True):
+    for x, y in zip(_tok(adapter, X, genes), _tok(a, X[:, perm], shuffled), strict=True):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
         np.testing.assert_array_equal(x["genes"], y["genes"])
     emb = embed_matrix(a, X[:, perm], shuffled, ["a", "b"], batch_size=2)
@@ -175,8 +180,8 @@ def test_gene_identity_not_column_order(adapter: CellLMAdapter, cells: ad.AnnDat
     j = next(j for j in np.argsort(-X[0].toarray()[0]) if genes.symbols[j] in pos)
     keep = np.r_[0:j, j + 1:X.shape[1]]
     dropped = GeneTable(symbols=genes.symbols[keep], ensembl=genes.ensembl[keep])
-    seq = _adapter(adapter.checkpoint, dropped).tokenize(_chunk(X[:1, keep], dropped))[0]
-    assert pos[genes.symbols[j]] in adapter.tokenize(_chunk(X[:1], genes))[0]["genes"]
+    seq = _tok(_adapter(adapter.checkpoint, dropped), X[:1, keep], dropped)[0]
+    assert pos[genes.symbols[j]] in _tok(adapter, X[:1], genes)[0]["genes"]
     assert pos[genes.symbols[j]] not in seq["genes"]
 
 
@@ -212,7 +217,7 @@ def test_pad_count_changes_the_embedding(ckpt: Path, cells: ad.AnnData, genes: G
 
 def test_embeddings_batch_invariant_and_deterministic(adapter: CellLMAdapter, cells: ad.AnnData,
                                                       genes: GeneTable, embeddings: np.ndarray) -> None:
-    lengths = [len(c["tokens"]) for c in adapter.tokenize(_chunk(cells.X, genes))]
+    lengths = [len(c["tokens"]) for c in _tok(adapter, cells.X, genes)]
     assert len(set(lengths)) == N_CELLS  # every batch pads some cells
     assert embeddings.shape == (N_CELLS, 16) and np.isfinite(embeddings).all()
     assert np.abs(embeddings[0] - embeddings[-1]).max() > 1e-3
@@ -227,7 +232,7 @@ def test_embeddings_batch_invariant_and_deterministic(adapter: CellLMAdapter, ce
 
 def test_lora_targets_get_gradients(adapter: CellLMAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
     a = _adapter(adapter.checkpoint, genes)
-    batch = collate(a.tokenize(_chunk(cells.X[:3], genes)), sequence_keys=a.sequence_keys,
+    batch = collate(_tok(a, cells.X[:3], genes), sequence_keys=a.sequence_keys,
                     pad_values=dict(a.pad_values), device=CPU)
     a.model.train()
     emb = a.pool(a.forward(batch), batch)

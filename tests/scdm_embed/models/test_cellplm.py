@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from scdm_embed._batching import embed_cells, embed_matrix
-from scdm_embed._errors import CheckpointError, ScdmError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError, ScdmError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
 from scdm_embed.models.cellplm import CellPLMAdapter
+from scdm_embed.runner import embed_cells, embed_matrix
 
 from ._shared import exact_genes, load_adapter, make_chunk, read_cells
 
@@ -59,7 +59,7 @@ def adapter(fx: Path, genes: GeneTable) -> CellPLMAdapter:
 
 
 def _tokens(adapter: CellPLMAdapter, cells: ad.AnnData, genes: GeneTable, rows=slice(None)):
-    return adapter.tokenize(make_chunk(cells.X[rows], genes, cells.obs_names.to_numpy()[rows]))
+    return adapter.tokenize(make_chunk(cells.X[rows], genes, cells.obs_names.to_numpy()[rows]), adapter.prepare(genes))
 
 
 def _embed(adapter, cells, genes, rows=slice(None), *, batch_size=64) -> np.ndarray:
@@ -88,18 +88,21 @@ def test_batch_size_and_option_validation(fx: Path):
 # -- gene alignment -----------------------------------------------------------------------------
 def test_gene_alignment_matches_original(adapter: CellPLMAdapter, fx: Path, genes: GeneTable):
     used = json.loads((fx / "genes_used.json").read_text())
-    assert adapter.genes_used == used  # same genes, same (dataset) order
-    overlap = adapter.prepare(genes)
+    plan = adapter.prepare(genes)
+    assert adapter.genes_used(plan) == used  # same genes, same (dataset) order
+    overlap = plan.overlap
     assert (overlap.n_vocab, overlap.n_data, overlap.n_data_used) == (19_374, 25_077, 13_955)
 
 
 def test_gene_alignment_from_var_is_superset(fx: Path, cells: ad.AnnData):
     """``GeneTable.from_var`` also maps empty ``ensembl_id``s offline (as the original's symbol
     auto-conversion would): a superset of the fixture's genes."""
-    a = _loaded(fx, GeneTable.from_var(cells.var))
+    g = GeneTable.from_var(cells.var)
+    a = _loaded(fx, g)
+    got = a.genes_used(a.prepare(g))
     used = set(json.loads((fx / "genes_used.json").read_text()))
-    assert used < set(a.genes_used)
-    assert len(a.genes_used) == len(set(a.genes_used))
+    assert used < set(got)
+    assert len(got) == len(set(got))
 
 
 def test_alignment_against_real_vocab(vocab_dir: Path, adapter: CellPLMAdapter):
@@ -164,7 +167,7 @@ def test_batches_are_consecutive_cells_and_batch_dependent(adapter, cells, genes
 def test_settings_are_json(adapter):
     s = adapter.settings()
     json.dumps(s)
-    assert s["cluster"] == "sample" and s["n_genes_used"] == 13_955
+    assert s["cluster"] == "sample" and s["batch_size"] == 50_000
 
 
 # -- gradients (LoRA targets) ---------------------------------------------------------------------
@@ -211,21 +214,21 @@ def test_decoder_keys_are_optional(tmp_path, fx, state):
 def test_missing_key_fails(tmp_path, fx, state):
     sd = dict(state)
     del sd["encoder.layers.1.self_attn.key_projection.weight"]
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing 1 key.*key_projection"):
         _load(_write(tmp_path, fx, sd))
 
 
 def test_unknown_key_fails(tmp_path, fx, state):
     sd = dict(state)
     sd["latent.layers.2.discriminator.weight"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match="unknown"):
+    with pytest.raises(CheckpointError, match="1 unexpected key.*discriminator"):
         _load(_write(tmp_path, fx, sd))
 
 
 def test_wrong_shape_fails(tmp_path, fx, state):
     sd = dict(state)
     sd["embedder.feat_enc.emb"] = sd["embedder.feat_enc.emb"][:100]
-    with pytest.raises(CheckpointError, match="shape"):
+    with pytest.raises(CheckpointError, match="shape mismatch.*feat_enc.emb"):
         _load(_write(tmp_path, fx, sd))
 
 

@@ -15,12 +15,12 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from scdm_embed._batching import collate, embed_matrix
-from scdm_embed._errors import CheckpointError, InputError, ScdmError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError, InputError, ScdmError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
+from scdm_embed.models.base import CellChunk, GenePlan
 from scdm_embed.models.geneformer import GeneformerAdapter
+from scdm_embed.runner import collate, embed_matrix
 
 from ._shared import (
     CPU,
@@ -68,7 +68,12 @@ _chunk = make_chunk  # (X, genes): float32 CSR, ids c0, c1, ...
 
 @pytest.fixture(scope="module")
 def v1(fx: Path, genes: GeneTable, gc30m: dict[str, str]) -> GeneformerAdapter:
-    return _load(fx / "checkpoint", genes, **gc30m)
+    return _load(fx / "checkpoint", **gc30m)
+
+
+@pytest.fixture(scope="module")
+def v1_plan(v1: GeneformerAdapter, genes: GeneTable) -> GenePlan:
+    return v1.prepare(genes)
 
 
 # -- V1: the reference fixture ------------------------------------------------------------------
@@ -76,9 +81,10 @@ def test_registered() -> None:
     assert get_adapter("geneformer") is GeneformerAdapter
 
 
-def test_tokens_equal_original(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable, fx: Path) -> None:
+def test_tokens_equal_original(v1: GeneformerAdapter, v1_plan: GenePlan, cells: ad.AnnData, genes: GeneTable,
+                               fx: Path) -> None:
     ref = np.load(fx / "reference_inputs.npz")
-    toks = v1.tokenize(_chunk(cells.X, genes))
+    toks = v1.tokenize(_chunk(cells.X, genes), v1_plan)
     assert len(toks) == 64
     for i, t in enumerate(toks):
         n = int(ref["lengths"][i])
@@ -101,7 +107,7 @@ def test_fixture_last_layer(v1_last: np.ndarray, fx: Path) -> None:
 
 
 def test_fixture_penultimate_layer(fx: Path, cells: ad.AnnData, genes: GeneTable, gc30m: dict[str, str]) -> None:
-    a = _load(fx / "checkpoint", genes, layer=-2, **gc30m)
+    a = _load(fx / "checkpoint", layer=-2, **gc30m)
     emb = embed_matrix(a, cells.X, genes, cells.obs_names, batch_size=32)
     ref = np.load(fx / "reference_embeddings_penultimate_layer.npy")
     assert np.abs(emb - ref).max() <= 1e-4
@@ -110,14 +116,14 @@ def test_fixture_penultimate_layer(fx: Path, cells: ad.AnnData, genes: GeneTable
 
 def test_batch_invariance_and_determinism(fx: Path, cells: ad.AnnData, genes: GeneTable,
                                           gc30m: dict[str, str]) -> None:
-    a = _load(fx / "checkpoint", genes, max_length=300, **gc30m)
+    a = _load(fx / "checkpoint", max_length=300, **gc30m)
     # mixed lengths: each cell keeps a different random share of its genes
     rng = np.random.default_rng(0)
     X = cells.X.tocoo()
     keep_p = rng.uniform(0.005, 0.2, size=X.shape[0])[X.row]
     keep = rng.random(X.nnz) < keep_p
     Xs = sp.csr_matrix((X.data[keep], (X.row[keep], X.col[keep])), shape=X.shape)
-    lengths = [len(t["input_ids"]) for t in a.tokenize(_chunk(Xs, genes))]
+    lengths = [len(t["input_ids"]) for t in a.tokenize(_chunk(Xs, genes), a.prepare(genes))]
     assert len(set(lengths)) > 20 and min(lengths) < 60 and max(lengths) == 300
     together = embed_matrix(a, Xs, genes, cells.obs_names, batch_size=64)
     again = embed_matrix(a, Xs, genes, cells.obs_names, batch_size=64)
@@ -127,8 +133,8 @@ def test_batch_invariance_and_determinism(fx: Path, cells: ad.AnnData, genes: Ge
         assert np.abs(alone[0] - together[i]).max() <= 1e-5, i
 
 
-def test_pool_excludes_padding(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
-    toks = v1.tokenize(_chunk(cells.X[:1], genes))
+def test_pool_excludes_padding(v1: GeneformerAdapter, v1_plan: GenePlan, cells: ad.AnnData, genes: GeneTable) -> None:
+    toks = v1.tokenize(_chunk(cells.X[:1], genes), v1_plan)
     short = {"input_ids": toks[0]["input_ids"][:40]}
     batch = collate([short, {"input_ids": toks[0]["input_ids"][:100]}], sequence_keys=("input_ids",),
                     pad_values={"input_ids": 0}, device=CPU)
@@ -169,10 +175,11 @@ def test_v2_tokenization(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, gene
                                       "ensembl_mapping_dictionary"}
     cls_id, eos_id = 2, 3
     # real cells: tokens equal the per-cell re-reading of the original, on var.ensembl_id as stored
-    ov = a.prepare(genes)
+    plan = a.prepare(genes)
+    ov = plan.overlap
     assert ov.n_data == 25077 and ov.n_data_used > 14_000 and ov.n_vocab == 20271
     assert ov.details["columns_summed"] is True  # distinct given ids meet in the gc95M mapping
-    toks = [t["input_ids"] for t in a.tokenize(_chunk(cells.X[:8], genes))]
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(cells.X[:8], genes), plan)]
     ref = geneformer_v2_tokens(cells.X[:8], cells.var["ensembl_id"].astype(str), gc95m_dir)
     for t, r in zip(toks, ref, strict=True):
         np.testing.assert_array_equal(t, r)
@@ -188,11 +195,12 @@ def test_v2_tokenization(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, gene
     dense = rng.integers(1, 50, size=(2, len(ens))).astype(np.float32)
     dense[1, 100:] = 0  # a short second cell
     X = sp.csr_matrix(dense)
-    ov = a.prepare(g)
+    plan = a.prepare(g)
+    ov = plan.overlap
     # no two DISTINCT ids meet: the original sums nothing, the repeated id stays its own column
     assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data) == (5002, 5001, 5000)
     assert ov.details["columns_summed"] is False
-    toks = [t["input_ids"] for t in a.tokenize(_chunk(X, g))]
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(X, g), plan)]
     assert len(toks[0]) == 4096 and len(toks[1]) == 102
     for t, r in zip(toks, geneformer_v2_tokens(X, ens, gc95m_dir), strict=True):
         np.testing.assert_array_equal(t, r)
@@ -200,8 +208,7 @@ def test_v2_tokenization(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, gene
 
     # max_length option: 10 positions = <cls> + 8 genes + <eos>
     b = _load(v2_ckpt, max_length=10)
-    b.prepare(g)
-    t = b.tokenize(_chunk(X, g))[0]["input_ids"]
+    t = b.tokenize(_chunk(X, g), b.prepare(g))[0]["input_ids"]
     np.testing.assert_array_equal(t, toks[0][:9].tolist() + [eos_id])
 
 
@@ -215,13 +222,14 @@ def test_v2_collision_sums_columns(v2_ckpt: Path, gc95m_dir: Path) -> None:
     others = [g for g in tok if g.startswith("ENSG") and g != target and mapping.get(g) == g][:40]
     ens = np.array([target, *others, alias, others[0], others[1].lower(), "ENSG99999999999"], dtype=object)
     g = GeneTable(symbols=np.array([f"G{i}" for i in range(len(ens))], dtype=object), ensembl=ens)
-    a = _load(v2_ckpt, g)
-    ov = a.prepare(g)
+    a = _load(v2_ckpt)
+    plan = a.prepare(g)
+    ov = plan.overlap
     assert ov.details["columns_summed"] is True
     assert (ov.n_data_used, ov.n_vocab_in_data) == (len(ens) - 1, 41)
     rng = np.random.default_rng(1)
     X = sp.csr_matrix(rng.integers(0, 4, size=(6, len(ens))).astype(np.float32))  # many ties
-    toks = [t["input_ids"] for t in a.tokenize(_chunk(X, g))]
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(X, g), plan)]
     for t, r in zip(toks, geneformer_v2_tokens(X, ens, gc95m_dir), strict=True):
         np.testing.assert_array_equal(t, r)
         assert len(np.unique(t)) == len(t)  # one token per id
@@ -230,9 +238,10 @@ def test_v2_collision_sums_columns(v2_ckpt: Path, gc95m_dir: Path) -> None:
 def test_map_symbols(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, genes: GeneTable) -> None:
     """``map_symbols``: ids missing from var.ensembl_id are looked up by symbol (gene_name_id
     dictionary first, then the offline table); more genes, counted in the overlap report."""
-    plain = _load(v2_ckpt).prepare(genes)
+    plain = _load(v2_ckpt).prepare(genes).overlap
     a = _load(v2_ckpt, map_symbols=True)
-    ov = a.prepare(genes)
+    plan = a.prepare(genes)
+    ov = plan.overlap
     assert a.settings()["map_symbols"] is True and plain.details["map_symbols"] is False
     assert ov.n_data_used - plain.n_data_used == ov.details["used_by_symbol"] > 0
     name_id = read_pickle_dict(gc95m_dir / "gene_name_id_dict_gc95M.pkl")
@@ -242,7 +251,7 @@ def test_map_symbols(v2_ckpt: Path, gc95m_dir: Path, cells: ad.AnnData, genes: G
     via = ov.details["resolved_via"]
     assert ov.details["resolved_by_symbol"] == sum(via.values()) == sum(e != "" for e in ens) - sum(given != "")
     assert via["gene_name_id_dictionary"] > 0 and via["offline_table"] > 0
-    toks = [t["input_ids"] for t in a.tokenize(_chunk(cells.X[:4], genes))]
+    toks = [t["input_ids"] for t in a.tokenize(_chunk(cells.X[:4], genes), plan)]
     for t, r in zip(toks, geneformer_v2_tokens(cells.X[:4], ens, gc95m_dir), strict=True):
         np.testing.assert_array_equal(t, r)
 
@@ -257,20 +266,22 @@ def test_symbols_only_refused_unless_map_symbols(v1: GeneformerAdapter, cells: a
     with pytest.raises(InputError) as e:
         v1.prepare(GeneTable.from_var(var))
     assert "--gene-key gene_ids" in str(e.value)
-    assert v1.prepare(GeneTable.from_var(var, gene_key="gene_ids")).n_data_used == 14181
+    assert v1.prepare(GeneTable.from_var(var, gene_key="gene_ids")).overlap.n_data_used == 14181
 
 
-def test_cell_total_from_n_counts(v1: GeneformerAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
+def test_cell_total_from_n_counts(v1: GeneformerAdapter, v1_plan: GenePlan, cells: ad.AnnData,
+                                  genes: GeneTable) -> None:
     """``obs["n_counts"]`` (carried in the chunk) is the total; bad values are refused."""
     X = cells.X[:4]
     chunk = _chunk(X, genes)
     n = np.asarray(X.sum(1), dtype=np.float64).ravel()
-    same = v1.tokenize(CellChunk(X=chunk.X, cell_ids=chunk.cell_ids, genes=genes, n_counts=n))
-    for t, r in zip(same, v1.tokenize(chunk), strict=True):
+    same = v1.tokenize(CellChunk(X=chunk.X, cell_ids=chunk.cell_ids, genes=genes, n_counts=n), v1_plan)
+    for t, r in zip(same, v1.tokenize(chunk, v1_plan), strict=True):
         np.testing.assert_array_equal(t["input_ids"], r["input_ids"])
     for bad in (0.0, np.nan):
         with pytest.raises(InputError, match="n_counts"):
-            v1.tokenize(CellChunk(X=chunk.X, cell_ids=chunk.cell_ids, genes=genes, n_counts=np.r_[n[:3], bad]))
+            v1.tokenize(CellChunk(X=chunk.X, cell_ids=chunk.cell_ids, genes=genes, n_counts=np.r_[n[:3], bad]),
+                        v1_plan)
 
 
 def test_v2_pooling(v2_ckpt: Path, cells: ad.AnnData, genes: GeneTable) -> None:
@@ -279,8 +290,8 @@ def test_v2_pooling(v2_ckpt: Path, cells: ad.AnnData, genes: GeneTable) -> None:
     ref_model = BertForMaskedLM.from_pretrained(v2_ckpt).eval()
     X = cells.X[:3]
     for pooling in ("mean", "cls"):
-        a = _load(v2_ckpt, genes, pooling=pooling, max_length=200)
-        toks = a.tokenize(_chunk(X, genes))
+        a = _load(v2_ckpt, pooling=pooling, max_length=200)
+        toks = a.tokenize(_chunk(X, genes), a.prepare(genes))
         emb = embed_matrix(a, X, genes, ["a", "b", "c"], batch_size=3)
         for i, t in enumerate(toks):
             with torch.inference_mode():
@@ -379,16 +390,16 @@ def test_pc9_overlap(pc9_path: Path, fx: Path, gc30m: dict[str, str], vocab_dir:
     var = ad.read_h5ad(pc9_path, backed="r").var
     a = _load(fx / "checkpoint", **gc30m)
     # the CLI's table, default: var.ensembl_id as given, the README's 14,181 kept columns (14 ids twice)
-    ov = a.prepare(GeneTable.from_var(var))
+    ov = a.prepare(GeneTable.from_var(var)).overlap
     assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data, ov.n_vocab) == (25077, 14181, 14167, 25424)
     # a table built by hand: its ensembl column counts as given
     given = GeneTable(symbols=np.asarray(var.index, dtype=object),
                       ensembl=np.asarray(var["ensembl_id"].astype(str), dtype=object))
-    assert a.prepare(given).n_data_used == 14181
+    assert a.prepare(given).overlap.n_data_used == 14181
     # map_symbols: the gene_name_id dictionary, then the offline table, fill the missing ids
     b = _load(fx / "checkpoint", map_symbols=True,
               gene_name_id_dictionary=str(vocab_dir / "geneformer" / "gc30M" / "gene_name_id_dict_gc30M.pkl"),
               **gc30m)
-    ov = b.prepare(GeneTable.from_var(var))
+    ov = b.prepare(GeneTable.from_var(var)).overlap
     assert (ov.n_data_used, ov.details["resolved_by_symbol"], ov.details["used_by_symbol"]) == (14208, 89, 27)
-    assert b.prepare(given).n_data_used == 14183  # by hand: only the dictionary (no offline table)
+    assert b.prepare(given).overlap.n_data_used == 14183  # by hand: only the dictionary (no offline table)

@@ -16,13 +16,13 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from scdm_embed._batching import embed_matrix
-from scdm_embed._errors import CheckpointError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
 from scdm_embed.models._sentences import ranked_genes
+from scdm_embed.models.base import CellChunk, GenePlan
 from scdm_embed.models.lm import LanguageModelAdapter, minilm_checkpoint
+from scdm_embed.runner import embed_matrix
 
 from ._shared import CPU, load_adapter, read_cells
 
@@ -84,8 +84,14 @@ def _reference(path: Path, X: sp.csr_matrix, symbols: np.ndarray, n: int, max_le
 
 
 @pytest.fixture(scope="module")
-def minilm(genes) -> LanguageModelAdapter:
-    return _load("minilm", genes, n_genes=8)
+def minilm() -> LanguageModelAdapter:
+    return _load("minilm", n_genes=8)
+
+
+@pytest.fixture(scope="module")
+def plan(minilm, genes) -> GenePlan:
+    """The fixture genes' plan (for lm it depends on the genes only, not on the checkpoint)."""
+    return minilm.prepare(genes)
 
 
 # -- MiniLM (real weights) ----------------------------------------------------------------------
@@ -109,8 +115,8 @@ def test_minilm_equals_plain_hf(minilm, cells, genes):
     assert d[~np.eye(64, dtype=bool)].min() > 1e-3
 
 
-def test_minilm_batch_invariance(minilm, cells, genes, varied):
-    toks = minilm.tokenize(CellChunk(X=varied, cell_ids=cells.obs_names.to_numpy(), genes=genes))
+def test_minilm_batch_invariance(minilm, plan, cells, genes, varied):
+    toks = minilm.tokenize(CellChunk(X=varied, cell_ids=cells.obs_names.to_numpy(), genes=genes), plan)
     assert len({len(t["input_ids"]) for t in toks}) >= 10
     batched = embed_matrix(minilm, varied, genes, cells.obs_names, batch_size=64)
     alone = embed_matrix(minilm, varied, genes, cells.obs_names, batch_size=1)
@@ -124,11 +130,11 @@ def test_minilm_determinism(minilm, cells, genes):
     np.testing.assert_array_equal(a, b)
 
 
-def test_minilm_default_truncates_to_context(cells, genes):
-    a = _load("minilm", genes)
+def test_minilm_default_truncates_to_context(plan, cells, genes):
+    a = _load("minilm")
     assert a.n_genes == 1024 and a.settings()["max_length"] == 512
     X = cells.X[:2]
-    toks = a.tokenize(CellChunk(X=X, cell_ids=cells.obs_names[:2].to_numpy(), genes=genes))
+    toks = a.tokenize(CellChunk(X=X, cell_ids=cells.obs_names[:2].to_numpy(), genes=genes), plan)
     assert [len(t["input_ids"]) for t in toks] == [512, 512]
     assert all(t["input_ids"][0] == a.tokenizer.cls_token_id and t["input_ids"][-1] == a.tokenizer.sep_token_id
                for t in toks)
@@ -137,15 +143,15 @@ def test_minilm_default_truncates_to_context(cells, genes):
     assert np.abs(emb - ref).max() <= 1e-5
 
 
-def test_n_genes_truncation(minilm, cells, genes):
-    a = _load("minilm", genes, n_genes=5)
+def test_n_genes_truncation(minilm, plan, cells, genes):
+    a = _load("minilm", n_genes=5)
     chunk = CellChunk(X=cells.X[:8], cell_ids=cells.obs_names[:8].to_numpy(), genes=genes)
-    sentences = a.sentences(chunk)
+    sentences = a.sentences(chunk, plan)
     symbols = np.asarray(cells.var_names)
     assert sentences == [_sentence(cells.X, i, symbols, 5) for i in range(8)]
     assert all(len(s.split()) == 5 for s in sentences)
-    assert minilm.sentences(chunk)[0].split()[:5] == sentences[0].split()
-    toks = [t["input_ids"].tolist() for t in a.tokenize(chunk)]
+    assert minilm.sentences(chunk, plan)[0].split()[:5] == sentences[0].split()
+    toks = [t["input_ids"].tolist() for t in a.tokenize(chunk, plan)]
     assert toks == a.tokenizer(sentences)["input_ids"]
     e5 = embed_matrix(a, cells.X[:8], genes, cells.obs_names[:8])
     e8 = embed_matrix(minilm, cells.X[:8], genes, cells.obs_names[:8])
@@ -153,14 +159,14 @@ def test_n_genes_truncation(minilm, cells, genes):
     assert a.settings()["n_genes"] == 5
 
 
-def test_normalised_input_ranks_alike(minilm, cells, genes):
+def test_normalised_input_ranks_alike(minilm, plan, cells, genes):
     """Ranking is per cell: library-size normalisation + log1p gives the same sentences."""
     X = cells.X[:8]
     norm = sp.csr_matrix(sp.diags(1e4 / np.asarray(X.sum(1)).ravel()) @ X)
     norm.data = np.log1p(norm.data)
     ids = cells.obs_names[:8].to_numpy()
-    assert minilm.sentences(CellChunk(X=X, cell_ids=ids, genes=genes)) == \
-        minilm.sentences(CellChunk(X=norm.astype(np.float32), cell_ids=ids, genes=genes))
+    assert minilm.sentences(CellChunk(X=X, cell_ids=ids, genes=genes), plan) == \
+        minilm.sentences(CellChunk(X=norm.astype(np.float32), cell_ids=ids, genes=genes), plan)
 
 
 # -- tiny random causal LMs without a pad token --------------------------------------------------
@@ -221,14 +227,14 @@ def test_tiny_causal_lm(tiny_dir, kind, cells, genes, varied_long):
 
     raw = AutoTokenizer.from_pretrained(str(tiny_dir / kind), local_files_only=True)
     assert raw.pad_token_id is None
-    a = _load(tiny_dir / kind, genes)
+    a = _load(tiny_dir / kind)
     s = a.settings()
     assert s["causal"] and s["pad_token_id"] == raw.eos_token_id and s["max_length"] == 48
     assert a.tokenizer.pad_token_id == raw.eos_token_id
     assert s["unused_checkpoint_keys"] == (["lm_head.weight"] if kind == "llama" else [])
     assert a.dim == 32
 
-    toks = a.tokenize(CellChunk(X=varied_long, cell_ids=cells.obs_names.to_numpy(), genes=genes))
+    toks = a.tokenize(CellChunk(X=varied_long, cell_ids=cells.obs_names.to_numpy(), genes=genes), a.prepare(genes))
     lengths = [len(t["input_ids"]) for t in toks]
     assert max(lengths) == 48 and len(set(lengths)) >= 10
     if kind == "llama":

@@ -19,12 +19,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._batching import collate, embed_matrix
-from scdm_embed._errors import CheckpointError, ScdmError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError, ScdmError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
 from scdm_embed.models._performer import read_gene_list
 from scdm_embed.models.scbert import ScBERTAdapter
+from scdm_embed.runner import collate, embed_matrix
 
 from ._performer_ckpt import (
     SCBERT_GENES,
@@ -73,6 +73,11 @@ def embeddings(adapter: ScBERTAdapter, cells: ad.AnnData, genes: GeneTable) -> n
 
 
 _chunk = make_chunk  # (X, genes): float32 CSR, ids c0, c1, ...
+
+
+def _tok(a, X, genes: GeneTable) -> list[dict[str, np.ndarray]]:
+    """``a.tokenize`` of an ``_chunk(X, genes)`` following a fresh plan for ``genes``."""
+    return a.tokenize(_chunk(X, genes), a.prepare(genes))
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -125,12 +130,12 @@ def test_missing_head_and_bad_shape_are_errors(tmp_path: Path, ckpt: Path, model
     state = _state(ckpt)
     del state["to_out.bias"]
     save_training_checkpoint(tmp_path / "panglao_pretrain.pth", state)
-    with pytest.raises(CheckpointError, match=r"missing \[.to_out.bias.\]"):
+    with pytest.raises(CheckpointError, match=r"missing 1 key\(s\) \[.to_out.bias.\]"):
         _adapter(tmp_path)
     state = _state(ckpt)
     state["performer.net.layers.1.1.fn.fn.w2.bias"] = torch.zeros(3)
     save_training_checkpoint(tmp_path / "panglao_pretrain.pth", state)
-    with pytest.raises(CheckpointError, match="shapes"):
+    with pytest.raises(CheckpointError, match="shape mismatch.*w2.bias"):
         _adapter(tmp_path)
 
 
@@ -190,7 +195,7 @@ def test_binning_matches_hand_computation(adapter: ScBERTAdapter, cells: ad.AnnD
     for i, g in enumerate(cells.var_names):
         col.setdefault(g, i)
     dense = cells.X[:3].toarray().astype(np.float64)
-    toks = adapter.tokenize(_chunk(cells.X[:3], genes))
+    toks = _tok(adapter, cells.X[:3], genes)
     for r in range(3):
         counts = np.array([dense[r, col[g]] if g in col else 0.0 for g in model_genes])
         values = np.log2(1.0 + counts / counts.sum() * 1e4)
@@ -208,8 +213,8 @@ def test_gene_identity_not_column_order(adapter: ScBERTAdapter, cells: ad.AnnDat
     perm = np.random.default_rng(0).permutation(X.shape[1])
     shuffled = GeneTable(symbols=genes.symbols[perm], ensembl=genes.ensembl[perm])
     a = _adapter(adapter.checkpoint, shuffled)
-    t0 = adapter.tokenize(_chunk(X, genes))
-    t1 = a.tokenize(_chunk(X[:, perm], shuffled))
+    t0 = _tok(adapter, X, genes)
+    t1 = _tok(a, X[:, perm], shuffled)
     for x, y in zip(t0, t1, strict=True):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
     emb = embed_matrix(a, X[:, perm], shuffled, ["a", "b"], batch_size=2)
@@ -227,15 +232,15 @@ def test_gene_missing_from_dataset_becomes_zero(adapter: ScBERTAdapter, cells: a
     keep = np.r_[0:j, j + 1:X.shape[1]]
     dropped = GeneTable(symbols=genes.symbols[keep], ensembl=genes.ensembl[keep])
     a = _adapter(adapter.checkpoint, dropped)
-    without = a.tokenize(_chunk(X[:, keep], dropped))[0]["tokens"]
-    assert adapter.tokenize(_chunk(X, genes))[0]["tokens"][pos[g]] > 0
+    without = _tok(a, X[:, keep], dropped)[0]["tokens"]
+    assert _tok(adapter, X, genes)[0]["tokens"][pos[g]] > 0
     assert without[pos[g]] == 0
     zeroed = X.toarray()
     zeroed[0, j] = 0
-    np.testing.assert_array_equal(without, adapter.tokenize(_chunk(zeroed, genes))[0]["tokens"])
-    overlap = a.prepare(dropped)
+    np.testing.assert_array_equal(without, _tok(adapter, zeroed, genes)[0]["tokens"])
+    overlap = a.prepare(dropped).overlap
     assert overlap.n_vocab == SCBERT_GENES and overlap.n_data == X.shape[1] - 1
-    assert overlap.n_vocab_in_data == adapter.prepare(genes).n_vocab_in_data - 1
+    assert overlap.n_vocab_in_data == adapter.prepare(genes).overlap.n_vocab_in_data - 1
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ def test_matches_literal_performer_forward(adapter: ScBERTAdapter, ckpt: Path, c
     """The adapter == a float64 transcription of PerformerLM.forward on one cell (predict.py)."""
     state = _state(ckpt)
     for r in (0, N_CELLS - 1):
-        tokens = torch.from_numpy(adapter.tokenize(_chunk(cells.X[r:r + 1], genes))[0]["tokens"]).long()
+        tokens = torch.from_numpy(_tok(adapter, cells.X[r:r + 1], genes)[0]["tokens"]).long()
         ref = reference_encode(state, tokens[None]).mean(dim=1)[0].numpy()
         np.testing.assert_allclose(embeddings[r], ref, atol=1e-5, rtol=0)
 
@@ -266,7 +271,7 @@ def test_embeddings_batch_invariant_and_deterministic(adapter: ScBERTAdapter, ce
 def test_lora_targets_get_gradients(adapter: ScBERTAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
     """Every to_q/to_k/to_v/to_out is a real call on the path to the pooled output."""
     a = _adapter(adapter.checkpoint, genes)
-    batch = collate(a.tokenize(_chunk(cells.X[:2], genes)), sequence_keys=(), pad_values={}, device=CPU)
+    batch = collate(_tok(a, cells.X[:2], genes), sequence_keys=(), pad_values={}, device=CPU)
     a.model.train()
     emb = a.pool(a.forward(batch), batch)
     (emb * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))).sum().backward()

@@ -11,11 +11,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._batching import collate, embed_matrix
-from scdm_embed._errors import CheckpointError, InputError, ScdmError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError, InputError, ScdmError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
 from scdm_embed.models.scfoundation import ScFoundationAdapter
+from scdm_embed.runner import collate, embed_matrix
 
 from ._shared import CPU, load_adapter, make_chunk, read_cells
 
@@ -58,7 +58,7 @@ def embeddings(adapter: ScFoundationAdapter, cells: ad.AnnData, genes: GeneTable
 
 
 def _tokenize(a: ScFoundationAdapter, X, genes: GeneTable, ids) -> list[dict[str, np.ndarray]]:
-    return a.tokenize(make_chunk(X, genes, ids))
+    return a.tokenize(make_chunk(X, genes, ids), a.prepare(genes))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_metadata(adapter: ScFoundationAdapter) -> None:
 
 
 def test_gene_overlap(adapter: ScFoundationAdapter, genes: GeneTable) -> None:
-    ov = adapter.prepare(genes)
+    ov = adapter.prepare(genes).overlap
     assert (ov.n_vocab, ov.n_vocab_in_data, ov.n_data) == (19264, 13133, 25077)  # README: 13,133 present
 
 
@@ -169,29 +169,22 @@ def test_gene_order_and_extra_genes_do_not_matter(adapter: ScFoundationAdapter, 
     g2 = GeneTable(symbols=genes.symbols[perm], ensembl=genes.ensembl[perm])
     ids = [f"c{i}" for i in range(6)]
     base = embed_matrix(adapter, X, genes, ids)
-    try:
-        adapter.prepare(g2)
-        shuffled = embed_matrix(adapter, X[:, perm], g2, ids)
-    finally:
-        adapter.prepare(genes)
+    shuffled = embed_matrix(adapter, X[:, perm], g2, ids)
     assert np.abs(base - shuffled).max() <= 1e-6
 
 
 def test_prepare_exact_symbols_first_duplicate(adapter: ScFoundationAdapter, genes: GeneTable) -> None:
     g = GeneTable(symbols=np.array(["A2M", "a2m", "A1BG", "A2M", "", "NOT_A_GENE"], dtype=object),
                   ensembl=np.array([""] * 6, dtype=object))
-    try:
-        ov = adapter.prepare(g)
-        assert (ov.n_vocab_in_data, ov.n_data_used, ov.n_data) == (2, 2, 6)
-        X = sp.csr_matrix(np.array([[3, 100, 1, 50, 9, 9]], dtype=np.float32))
-        (tok,) = _tokenize(adapter, X, g, ["x"])
-        assert tok["gene_ids"].tolist() == [0, 2, 19264, 19265]  # A1BG(0), A2M(2, first column)
-        np.testing.assert_allclose(tok["values"][:2], np.log1p(np.array([1, 3]) / 4 * 1e4), rtol=1e-6)
-        assert np.isclose(tok["values"][-1], np.log10(4))
-        with pytest.raises(InputError, match="no positive counts"):
-            _tokenize(adapter, sp.csr_matrix(np.array([[0, 5, 0, 0, 1, 1]], dtype=np.float32)), g, ["empty"])
-    finally:
-        adapter.prepare(genes)
+    ov = adapter.prepare(g).overlap
+    assert (ov.n_vocab_in_data, ov.n_data_used, ov.n_data) == (2, 2, 6)
+    X = sp.csr_matrix(np.array([[3, 100, 1, 50, 9, 9]], dtype=np.float32))
+    (tok,) = _tokenize(adapter, X, g, ["x"])
+    assert tok["gene_ids"].tolist() == [0, 2, 19264, 19265]  # A1BG(0), A2M(2, first column)
+    np.testing.assert_allclose(tok["values"][:2], np.log1p(np.array([1, 3]) / 4 * 1e4), rtol=1e-6)
+    assert np.isclose(tok["values"][-1], np.log10(4))
+    with pytest.raises(InputError, match="no positive counts"):
+        _tokenize(adapter, sp.csr_matrix(np.array([[0, 5, 0, 0, 1, 1]], dtype=np.float32)), g, ["empty"])
 
 
 def test_options(fx: Path, gene_index: Path, genes: GeneTable, varied: sp.csr_matrix) -> None:
@@ -266,7 +259,7 @@ def test_strict_loading_errors(fx: Path, gene_index: Path, tmp_path: Path, case:
             sd["model.token_emb.emb.weight"] = torch.zeros(100, 32)
 
     ckpt = _corrupt(fx, tmp_path, edit)
-    with pytest.raises(CheckpointError, match={"missing": "missing", "unknown": "unknown", "shape": "shape"}[case]):
+    with pytest.raises(CheckpointError, match={"missing": "missing 1 key", "unknown": "1 unexpected key", "shape": "shape mismatch"}[case]):
         _adapter(ckpt, gene_index)
 
 

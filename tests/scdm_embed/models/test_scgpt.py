@@ -13,12 +13,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._batching import embed_matrix
-from scdm_embed._errors import CheckpointError, ScdmError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError, ScdmError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
+from scdm_embed.models.base import CellChunk, GenePlan
 from scdm_embed.models.scgpt import ScGPTAdapter
+from scdm_embed.runner import embed_matrix
 
 from ._shared import load_adapter, read_cells, reference
 
@@ -47,8 +47,13 @@ _load = partial(load_adapter, ScGPTAdapter)  # (checkpoint, genes=None, **option
 
 
 @pytest.fixture(scope="module")
-def adapter(fx: Path, genes: GeneTable) -> ScGPTAdapter:
-    return _load(fx / "checkpoint", genes)
+def adapter(fx: Path) -> ScGPTAdapter:
+    return _load(fx / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def plan(adapter: ScGPTAdapter, genes: GeneTable) -> GenePlan:
+    return adapter.prepare(genes)
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +118,17 @@ def _digitize(counts: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.digitize(x, edges), np.digitize(x, edges, right=True)
 
 
-def test_tokens_match_original_where_deterministic(adapter: ScGPTAdapter, fx: Path, cells: ad.AnnData,
-                                                   genes: GeneTable, ref: dict[str, np.ndarray]) -> None:
+def test_tokens_match_original_where_deterministic(adapter: ScGPTAdapter, plan: GenePlan, fx: Path,
+                                                   cells: ad.AnnData, genes: GeneTable,
+                                                   ref: dict[str, np.ndarray]) -> None:
     vocab = json.loads((fx / "checkpoint" / "vocab.json").read_text())
     col_ids = np.array([vocab.get(s, -1) for s in cells.var_names])
     dense = cells.X.toarray()
     X = sp.csr_matrix(cells.X, dtype=np.float32)
     ids = cells.obs_names.to_numpy()
-    sampled = adapter.tokenize(CellChunk(X=X, cell_ids=ids, genes=genes))
-    full = _load(fx / "checkpoint", genes, max_length=100_000).tokenize(CellChunk(X=X, cell_ids=ids, genes=genes))
+    sampled = adapter.tokenize(CellChunk(X=X, cell_ids=ids, genes=genes), plan)
+    unsampled = _load(fx / "checkpoint", max_length=100_000)
+    full = unsampled.tokenize(CellChunk(X=X, cell_ids=ids, genes=genes), unsampled.prepare(genes))
     n_fixed = n_checked = 0
     for r in range(64):
         nz = np.flatnonzero((dense[r] > 0) & (col_ids >= 0))
@@ -156,16 +163,16 @@ def test_tokens_match_original_where_deterministic(adapter: ScGPTAdapter, fx: Pa
 
 
 def test_gene_overlap_and_settings(adapter: ScGPTAdapter, genes: GeneTable) -> None:
-    ov = adapter.prepare(genes)
+    ov = adapter.prepare(genes).overlap
     assert (ov.n_data, ov.n_data_used, ov.n_vocab_in_data, ov.n_vocab) == (25077, 21052, 21052, 60694)
     s = adapter.settings()
     json.dumps(s)
     assert s["max_length"] == 1200 and s["binning"]["n_bins"] == 51 and s["pooling"] == "cls"
 
 
-def test_empty_cell(adapter: ScGPTAdapter, genes: GeneTable) -> None:
+def test_empty_cell(adapter: ScGPTAdapter, plan: GenePlan, genes: GeneTable) -> None:
     X = sp.csr_matrix((2, len(genes)), dtype=np.float32)
-    toks = adapter.tokenize(CellChunk(X=X, cell_ids=np.array(["a", "b"], dtype=object), genes=genes))
+    toks = adapter.tokenize(CellChunk(X=X, cell_ids=np.array(["a", "b"], dtype=object), genes=genes), plan)
     assert [t["gene_ids"].tolist() for t in toks] == [[60695], [60695]]
 
 
@@ -236,14 +243,15 @@ def test_deterministic_and_batch_invariant(adapter: ScGPTAdapter, cells: ad.AnnD
     np.testing.assert_allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-6)
 
 
-def test_batch_invariant_with_padding(adapter: ScGPTAdapter, cells: ad.AnnData, genes: GeneTable) -> None:
+def test_batch_invariant_with_padding(adapter: ScGPTAdapter, plan: GenePlan, cells: ad.AnnData,
+                                      genes: GeneTable) -> None:
     """Cells of very different lengths (so batches are padded): alone == in a batch of 64."""
     X = sp.csr_matrix(cells.X, dtype=np.float32)
     keep_cols = np.linspace(300, X.shape[1], 64).astype(int)  # cell r keeps genes < keep_cols[r]
     rows, cols = X.nonzero()
     X = sp.csr_matrix((np.asarray(X[rows, cols]).ravel() * (cols < keep_cols[rows]), (rows, cols)), shape=X.shape)
     ids = cells.obs_names.to_numpy()
-    lengths = [len(t["gene_ids"]) for t in adapter.tokenize(CellChunk(X=X, cell_ids=ids, genes=genes))]
+    lengths = [len(t["gene_ids"]) for t in adapter.tokenize(CellChunk(X=X, cell_ids=ids, genes=genes), plan)]
     assert min(lengths) < 100 and max(lengths) == 1200 and len(set(lengths)) > 20
     batch = embed_matrix(adapter, X, genes, ids, batch_size=64)
     for r in (0, 1, 5, 30, 63):
@@ -253,10 +261,10 @@ def test_batch_invariant_with_padding(adapter: ScGPTAdapter, cells: ad.AnnData, 
 
 def test_seed_changes_only_sampled_cells(fx: Path, cells: ad.AnnData, genes: GeneTable,
                                          embedded: np.ndarray) -> None:
-    other = _load(fx / "checkpoint", genes, seed=1)
+    other = _load(fx / "checkpoint", seed=1)
     emb = embed_matrix(other, cells.X[:4], genes, cells.obs_names[:4], batch_size=4)
     assert np.abs(emb - embedded[:4]).max() > 1e-3  # different ties and sample -> different embedding
-    raw = _load(fx / "checkpoint", genes, normalize=False)
+    raw = _load(fx / "checkpoint", normalize=False)
     emb = embed_matrix(raw, cells.X[:4], genes, cells.obs_names[:4], batch_size=4)
     assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0)
     assert np.abs(emb / np.linalg.norm(emb, axis=1, keepdims=True) - embedded[:4]).max() <= 1e-5
@@ -294,7 +302,5 @@ def test_scgpt_human_extras_load(fx: Path, tmp_path: Path, ref: dict[str, np.nda
 def test_bad_options_and_order(fx: Path, genes: GeneTable) -> None:
     with pytest.raises(ScdmError, match="max_length"):
         ScGPTAdapter(fx / "checkpoint", max_length=1)
-    a = _load(fx / "checkpoint")
-    X = sp.csr_matrix((1, len(genes)), dtype=np.float32)
-    with pytest.raises(RuntimeError, match="prepare"):
-        a.tokenize(CellChunk(X=X, cell_ids=np.array(["a"], dtype=object), genes=genes))
+    with pytest.raises(RuntimeError, match=r"call load\(\) before prepare"):
+        ScGPTAdapter(fx / "checkpoint").prepare(genes)

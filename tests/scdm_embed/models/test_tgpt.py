@@ -15,13 +15,13 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from scdm_embed._batching import embed_matrix
-from scdm_embed._errors import CheckpointError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
 from scdm_embed.models._sentences import ranked_columns, ranked_genes, wrap_sequences
+from scdm_embed.models.base import CellChunk, GenePlan
 from scdm_embed.models.tgpt import TGPTAdapter
+from scdm_embed.runner import embed_matrix
 
 from ._shared import load_adapter, read_cells
 
@@ -46,8 +46,13 @@ _load = partial(load_adapter, TGPTAdapter)  # (path, genes=None, **options)
 
 
 @pytest.fixture(scope="module")
-def adapter(fx: Path, genes: GeneTable) -> TGPTAdapter:
-    return _load(fx / "checkpoint", genes)
+def adapter(fx: Path) -> TGPTAdapter:
+    return _load(fx / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def plan(adapter: TGPTAdapter, genes: GeneTable) -> GenePlan:
+    return adapter.prepare(genes)
 
 
 def _chunk(cells: ad.AnnData, genes: GeneTable, X: sp.csr_matrix | None = None) -> CellChunk:
@@ -109,8 +114,8 @@ def test_wrap_sequences():
 
 
 # -- tokens equal the original's --------------------------------------------------------------
-def test_tokens_equal_reference_inputs(adapter, cells, genes, fx):
-    toks = adapter.tokenize(_chunk(cells, genes))
+def test_tokens_equal_reference_inputs(adapter, plan, cells, genes, fx):
+    toks = adapter.tokenize(_chunk(cells, genes), plan)
     ids = np.stack([t["input_ids"] for t in toks])
     ref = np.load(fx / "reference_inputs.npz")
     assert ids.shape == (64, 64) and ref["attention_mask"].all()
@@ -118,24 +123,24 @@ def test_tokens_equal_reference_inputs(adapter, cells, genes, fx):
     assert adapter.n_genes == 62 and (ids[:, 0] == 1).all() and (ids[:, -1] == 2).all()
 
 
-def test_ranking_equals_gene_rankings_txt(adapter, cells, genes, fx):
+def test_ranking_equals_gene_rankings_txt(adapter, plan, cells, genes, fx):
     lines = (fx / "gene_rankings.txt").read_text().splitlines()
-    ranked = ranked_genes(cells.X, adapter.n_genes, columns=adapter._cols)
+    ranked = ranked_genes(cells.X, adapter.n_genes, columns=plan.columns)
     symbols = np.asarray(cells.var_names)
     for line, r in zip(lines, ranked, strict=True):
         assert symbols[r].tolist() == line.split()[:62]
 
 
 @pytest.mark.parametrize("max_len", [64, 20])
-def test_vectorised_ids_equal_tokenizer(adapter, cells, genes, fx, max_len):
+def test_vectorised_ids_equal_tokenizer(adapter, plan, cells, genes, fx, max_len):
     """Direct vocabulary lookup == the tGPT README path (regex + PreTrainedTokenizerFast)."""
-    a = adapter if max_len == 64 else _load(fx / "checkpoint", genes, max_len=max_len)
-    X = _varied(cells.X, adapter._cols)  # 1..64 genes per cell, so some cells are short
+    a = adapter if max_len == 64 else _load(fx / "checkpoint", max_len=max_len)
+    X = _varied(cells.X, plan.columns)  # 1..64 genes per cell, so some cells are short
     symbols = np.asarray(cells.var_names, dtype=object)
     lines = [re.sub(r"-|\.", "_", " ".join(symbols[r]))
-             for r in ranked_genes(X, None, columns=adapter._cols)]
+             for r in ranked_genes(X, None, columns=plan.columns)]
     enc = adapter.tokenizer(lines, max_length=max_len, truncation=True)
-    ours = [t["input_ids"].tolist() for t in a.tokenize(_chunk(cells, genes, X))]
+    ours = [t["input_ids"].tolist() for t in a.tokenize(_chunk(cells, genes, X), a.prepare(genes))]
     assert ours == enc["input_ids"]
     assert {len(o) for o in ours} == set(range(3, max_len + 1))
 
@@ -149,15 +154,15 @@ def test_fixture_embeddings(adapter, cells, genes, fx):
     np.testing.assert_allclose(emb, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_batch_invariance_and_original_padding_semantics(adapter, cells, genes):
-    X = _varied(cells.X, adapter._cols)
+def test_batch_invariance_and_original_padding_semantics(adapter, plan, cells, genes):
+    X = _varied(cells.X, plan.columns)
     batched = embed_matrix(adapter, X, genes, cells.obs_names, batch_size=64)
     alone = embed_matrix(adapter, X, genes, cells.obs_names, batch_size=1)
     assert np.isfinite(batched).all()
     assert np.abs(batched - alone).max() <= 1e-5
     # the README's loop: tokenizer padding=True, model(**batch), mean of hidden[1:eos_idx]
     symbols = np.asarray(cells.var_names, dtype=object)
-    lines = [re.sub(r"-|\.", "_", " ".join(symbols[r])) for r in ranked_genes(X, None, columns=adapter._cols)]
+    lines = [re.sub(r"-|\.", "_", " ".join(symbols[r])) for r in ranked_genes(X, None, columns=plan.columns)]
     enc = adapter.tokenizer(lines, max_length=64, truncation=True, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = adapter.model(**enc).last_hidden_state
@@ -182,7 +187,7 @@ def test_registry_and_settings(adapter):
 
 
 def test_prepare_overlap(adapter, genes):
-    ov = adapter.prepare(genes)
+    ov = adapter.prepare(genes).overlap
     assert ov.n_data == 25077 and ov.n_data_used == 14071  # as the fixture README counts
     assert ov.n_vocab == 21145  # 21,150 tokens minus 4 specials and ':'
 
@@ -215,9 +220,10 @@ def test_tokenizer_elsewhere(fx, tmp_path, vocab_dir, genes, cells):
     ckpt = _copy(fx, tmp_path)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (ckpt / f).unlink()
-    a = _load(ckpt, genes, tokenizer=vocab_dir / "tgpt")
+    a = _load(ckpt, tokenizer=vocab_dir / "tgpt")
     ref = np.load(fx / "reference_inputs.npz")["input_ids"]
-    np.testing.assert_array_equal(np.stack([t["input_ids"] for t in a.tokenize(_chunk(cells, genes))]), ref)
+    toks = a.tokenize(_chunk(cells, genes), a.prepare(genes))
+    np.testing.assert_array_equal(np.stack([t["input_ids"] for t in toks]), ref)
 
 
 def test_corrupted_weights(fx, tmp_path):

@@ -15,12 +15,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scdm_embed._batching import collate, embed_matrix
-from scdm_embed._errors import CheckpointError
-from scdm_embed._genes import GeneTable
+from scdm_embed.errors import CheckpointError
+from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
-from scdm_embed.models._base import CellChunk
+from scdm_embed.models.base import CellChunk
 from scdm_embed.models.uce import UCEAdapter
+from scdm_embed.runner import collate, embed_matrix
 
 from ._shared import CPU, load_adapter, make_chunk, read_cells
 
@@ -71,7 +71,7 @@ def vocab(uce_dir: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def _tokenize(a: UCEAdapter, X: sp.csr_matrix, ids: np.ndarray, genes: GeneTable) -> list[np.ndarray]:
-    return [c["input_ids"] for c in a.tokenize(make_chunk(X, genes, ids))]
+    return [c["input_ids"] for c in a.tokenize(make_chunk(X, genes, ids), a.prepare(genes))]
 
 
 def _groups(sent: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -147,14 +147,10 @@ def test_tokenizer_uses_the_datasets_own_genes(adapter: UCEAdapter, cells: ad.An
     g = GeneTable.from_var(sub.var)
     X = sp.csr_matrix(sub.X)
     names = np.array([s.upper() for s in sub.var_names])
-    try:
-        ov = adapter.prepare(g)
-        assert ov.n_data == len(g) and ov.n_data_used < adapter.prepare(genes).n_data_used
-        adapter.prepare(g)
-        for i, sent in enumerate(_tokenize(adapter, X, sub.obs_names, g)):
-            _check_sentence(sent, set(names[X[i].indices]), vocab, 1024)
-    finally:
-        adapter.prepare(genes)
+    ov = adapter.prepare(g).overlap
+    assert ov.n_data == len(g) and ov.n_data_used < adapter.prepare(genes).overlap.n_data_used
+    for i, sent in enumerate(_tokenize(adapter, X, sub.obs_names, g)):
+        _check_sentence(sent, set(names[X[i].indices]), vocab, 1024)
 
 
 def test_tokenizer_deterministic_and_batch_free(adapter: UCEAdapter, cells: ad.AnnData,
@@ -189,7 +185,8 @@ def test_sampling_weights_are_log1p_counts(adapter: UCEAdapter, genes: GeneTable
         X[:, col[s]] = counts[j]
     sents = _tokenize(adapter, X.tocsr(), np.array([f"c{i}" for i in range(n)]), genes)
     toks = np.concatenate(sents)
-    tok_of = adapter._tok[np.searchsorted(adapter._cols, [col[s] for s in picks])]
+    plan = adapter.prepare(genes)
+    tok_of = plan.vocab_ids[np.searchsorted(plan.columns, [col[s] for s in picks])]
     freq = np.array([(toks == t).sum() for t in tok_of]) / (n * 1024)
     np.testing.assert_allclose(freq, np.log1p(counts) / np.log1p(counts).sum(), atol=0.01)
     assert len(set(map(len, sents))) == 1  # GAPDH/ACTB/EGFR: chromosomes 12, 7, 7 -> 2 groups
@@ -198,7 +195,7 @@ def test_sampling_weights_are_log1p_counts(adapter: UCEAdapter, genes: GeneTable
 
 def test_empty_cell_is_cls_only(small: UCEAdapter, genes: GeneTable) -> None:
     X = sp.lil_matrix((2, len(genes)), dtype=np.float32)
-    X[1, np.setdiff1d(np.arange(len(genes)), small._cols)[0]] = 5.0  # a gene UCE cannot use
+    X[1, np.setdiff1d(np.arange(len(genes)), small.prepare(genes).columns)[0]] = 5.0  # a gene UCE cannot use
     X = X.tocsr()
     sents = _tokenize(small, X, np.array(["a", "b"]), genes)
     assert [s.tolist() for s in sents] == [[3], [3]]
@@ -248,7 +245,7 @@ def test_lora_targets_get_gradients(small: UCEAdapter, cells: ad.AnnData, genes:
                                      for s in ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"))
     assert all(isinstance(names[n], torch.nn.Linear) for n in targets)
     toks = small.tokenize(CellChunk(X=sp.csr_matrix(cells.X[:3], dtype=np.float32),
-                                    cell_ids=cells.obs_names[:3].to_numpy(), genes=genes))
+                                    cell_ids=cells.obs_names[:3].to_numpy(), genes=genes), small.prepare(genes))
     toks[2] = {"input_ids": toks[2]["input_ids"][:30]}
     batch = collate(toks, sequence_keys=("input_ids",), pad_values={"input_ids": 0}, device=CPU)
     m.zero_grad(set_to_none=True)
@@ -265,7 +262,7 @@ def test_settings_and_overlap(adapter: UCEAdapter, genes: GeneTable) -> None:
     json.dumps(s)
     assert s["token_table"] == "all_tokens.torch" and s["chrom_token_offset"] == 19938
     assert (s["nlayers"], s["d_model"], s["nhead"], s["token_dim"], s["d_hid"]) == (1, 1280, 20, 16, 64)
-    ov = adapter.prepare(genes)
+    ov = adapter.prepare(genes).overlap
     assert ov.n_vocab == 19927 and ov.n_data == len(genes) and 0 < ov.n_data_used < ov.n_data
 
 

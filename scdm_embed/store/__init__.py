@@ -1,0 +1,38 @@
+"""The embedding store (public): a Zarr v3 hierarchy keyed by model/dataset.
+
+The on-disk format is documented in ``store/README.md``; its schema (element kinds, their
+versions, typed records) lives in :mod:`scdm_embed.store.schema`, and
+:func:`~scdm_embed.store.migrate.migrate_store` upgrades a store of the previous format.
+"""
+
+from __future__ import annotations
+
+from ._core import (
+    DEFAULT_STORE,
+    EMBEDDING_CODEC,
+    EmbeddingInfo,
+    EmbeddingStore,
+    cells_hash,
+    check_name,
+    check_store_path,
+    is_write_failure,
+    store_lock,
+    store_os_error,
+    store_writable,
+)
+from .migrate import Migration, migrate_store
+from .schema import (
+    FORMAT_VERSION,
+    VERSIONS,
+    DatasetRecord,
+    EmbeddingRecord,
+    Provenance,
+    SplitRecord,
+    StoreRecord,
+    Telemetry,
+)
+
+__all__ = ["DEFAULT_STORE", "EMBEDDING_CODEC", "FORMAT_VERSION", "VERSIONS", "DatasetRecord", "EmbeddingInfo",
+           "EmbeddingRecord", "EmbeddingStore", "Migration", "Provenance", "SplitRecord", "StoreRecord", "Telemetry",
+           "cells_hash", "check_name", "check_store_path", "is_write_failure", "migrate_store", "store_lock",
+           "store_os_error", "store_writable"]

@@ -1,0 +1,536 @@
+"""LoRA fine-tuning on the saved splits: the foundation model + a linear head, per partition.
+
+scDrugMap's fine-tuning arm: LoRA (r 8, alpha 8, dropout 0.05; :mod:`scdm_embed.models.lora`) on
+the model's attention / feed-forward modules plus a linear head ``dim -> 2`` on the pooled
+cell embedding, trained with AdamW on cross-entropy for a few epochs on each partition's
+training cells and scored on its test cells with the same metrics as the frozen-embedding
+classifiers. Rows use :data:`~scdm_eval._run.RESULT_COLUMNS` with ``classifier="lora"``, so
+``pd.concat([run_evaluation(...), run_lora(...)])`` summarises in one table.
+
+What it reuses, so the comparison is honest:
+
+* the splits: :func:`make_splits` with the same parameters loads the partitions
+  ``scdm-eval run`` saved in the store (or makes and saves them);
+* the cells: raw cells are read from each dataset's recorded ``source`` (or ``input=``) as
+  extraction read them (same layer, gene column, duplicate-gene rule, ``obs["n_counts"]``:
+  :meth:`scdm_embed.inputs.InputDataset.cell_chunk`) and must have the content hash recorded
+  at extraction;
+* the model: the checkpoint and the complete, typed options recorded at extraction
+  (``provenance["options"]``); a store that does not record them is refused (pass the
+  options); the tokenizer settings are checked against the provenance (a mismatch is warned about);
+* the batching: :class:`scdm_embed.runner.Runner` drives every forward (length bucketing,
+  padded-token budget, CUDA out-of-memory back-off, bf16 autocast on CUDA), as in extraction.
+
+Genes are prepared once per dataset (``plan = adapter.prepare(genes)``, an immutable
+:class:`~scdm_embed.models.base.GenePlan`) and every cell is tokenized once; one loaded
+adapter serves every dataset and partition.
+
+Training runs the foundation model as the extraction did (eval mode: no base dropout, frozen
+normalisation statistics); only the LoRA dropout is active. Base weights never change: each
+partition starts from a pristine copy of the loaded model. An optimisation step is a batch
+of ``batch_size`` training cells; the Runner splits it into micro-batches within the token
+budget (and again on out-of-memory) whose gradients add up to the whole batch's, so the
+budget changes memory, not the step (with LoRA dropout on, masks are drawn per micro-batch).
+On CUDA the forward runs under bf16 autocast (float32 master weights); on CPU everything is
+float32.
+
+Models whose cells attend to each other (CellPLM, ``batch_invariant = False``): a batch is
+the cells' context and is never split. Training batches are random groups of ``batch_size``
+training cells; test cells are embedded in consecutive groups of ``batch_size`` test cells
+(store order), so a test cell's context holds test cells only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from scdm_embed.errors import ScdmError, StoreError
+from scdm_embed.inputs import InputDataset, read_input
+from scdm_embed.models import get_adapter
+from scdm_embed.models.base import Adapter, GenePlan
+from scdm_embed.models.lora import LORA_ALPHA, LORA_DROPOUT, LORA_R, apply_lora
+from scdm_embed.runner import Runner, plan_batches, resolve_device, token_lengths
+from scdm_embed.store import EmbeddingStore, Provenance
+from scdm_embed.store.schema import jsonable
+
+from ._metrics import compute_metrics
+from ._run import RESULT_COLUMNS, _row, _task_seed
+from ._splits import (
+    LeakageWarning,
+    Partition,
+    SplitWarning,
+    open_store,
+    save_splits,
+    saved_or_computed,
+)
+
+log = logging.getLogger(__name__)
+
+#: The ``classifier`` value of LoRA rows.
+CLASSIFIER = "lora"
+#: Cells read and tokenized per block.
+_CHUNK = 1024
+
+
+class LoraSettingsWarning(UserWarning):
+    """The re-built model's tokenizer settings differ from those the embeddings were made with."""
+
+
+@dataclass
+class _Context:
+    """A loaded adapter, one gene plan per dataset, and every cell tokenized once."""
+
+    model: str
+    checkpoint: Path | None
+    options: dict[str, Any]
+    device: torch.device
+    adapter: Adapter  #: the one loaded adapter; each partition binds its own LoRA copy as its model
+    base: torch.nn.Module  #: pristine copy of the loaded network (on CPU)
+    plans: dict[str, GenePlan]  #: per dataset: its genes against the model's vocabulary
+    tokens: list[dict[str, np.ndarray]]  #: per cell, in split-table order
+    dataset: np.ndarray  #: dataset name per cell, in split-table order
+    settings_diff: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class _Fit:
+    """One partition's fine-tuned network, head, test probabilities and training log."""
+
+    proba: np.ndarray
+    net: torch.nn.Module
+    head: torch.nn.Linear
+    losses: list[float]
+    seconds: float
+
+
+# -- set-up ---------------------------------------------------------------------------------
+def _check_neural(model: str) -> type[Adapter]:
+    cls = get_adapter(model)
+    if cls.requires_reference or cls.checkpoint_layout is None:
+        raise ScdmError(f"model {model!r} has no neural network to fine-tune with LoRA",
+                        "pick a foundation model (geneformer, tgpt, lm, scgpt, scfoundation, uce, cellplm, scbert, "
+                        "celllm); compare pca/hvg with `scdm-eval run` instead")
+    return cls
+
+
+def _provenance(st: EmbeddingStore, model: str, datasets: Sequence[str]) -> dict[str, Provenance]:
+    """Extraction provenance of ``model`` per dataset (those it was extracted for)."""
+    out = {}
+    for ds in datasets:
+        rec = st.embedding_record(model, ds)
+        if rec is not None:
+            out[ds] = rec.provenance
+    return out
+
+
+def _checkpoint(model: str, given: str | Path | None, prov: Mapping[str, Provenance],
+                st: EmbeddingStore) -> Path:
+    if given is not None:
+        return Path(given)
+    held = {str(p.checkpoint) for p in prov.values() if p.checkpoint}
+    if not held:
+        raise StoreError(f"the store {str(st.path)!r} records no {model} extraction, so the checkpoint to fine-tune "
+                         "is unknown", f"pass checkpoint=DIR (--checkpoint DIR), or extract {model} into the store first")
+    if len(held) > 1:
+        raise StoreError(f"the store's {model} embeddings were made from several checkpoints: {sorted(held)}",
+                         "pass checkpoint=DIR (--checkpoint DIR) to choose one")
+    path = Path(held.pop())
+    if not path.exists():
+        raise ScdmError(f"the {model} checkpoint recorded in the store ({str(path)!r}) does not exist here",
+                        "pass checkpoint=DIR (--checkpoint DIR) pointing at it")
+    return path
+
+
+def _options(model: str, given: Mapping[str, Any] | None, prov: Mapping[str, Provenance],
+             st: EmbeddingStore) -> dict[str, Any]:
+    """The model options: ``given``, else the complete options recorded at extraction (no guessing)."""
+    if given is not None:
+        return dict(given)
+    fix = (f"pass the options the extraction used: model_options={{...}} (--option KEY=VALUE, repeatable; "
+           f"`scdm-embed list-models --options` lists {model}'s), or re-extract {model} with this version "
+           "(`scdm-embed extract ... --overwrite`)")
+    missing = sorted(ds for ds, p in prov.items() if p.options is None)
+    if missing:
+        raise StoreError(f"the store {str(st.path)!r} does not record the {model} options the embeddings of "
+                         f"{missing} were made with (written by an older scdm-embed)", fix)
+    recorded = {ds: dict(p.options or {}) for ds, p in prov.items()}
+    if len({_norm(o) for o in recorded.values()}) > 1:
+        raise StoreError(f"the store's {model} embeddings were made with different options per dataset: {recorded}",
+                         "pass model_options={...} (--option KEY=VALUE) to choose the ones to fine-tune with")
+    return next(iter(recorded.values()), {})  # no extraction recorded (checkpoint= given): the defaults
+
+
+def _inputs(st: EmbeddingStore, datasets: Sequence[str], given: str | Path | Mapping[str, str | Path] | None
+            ) -> dict[str, Path]:
+    """Raw-input path per dataset: ``given`` where set, else the recorded ``source``."""
+    if given is None:
+        mapping: dict[str, Path] = {}
+    elif isinstance(given, Mapping):
+        mapping = {str(k): Path(v) for k, v in given.items()}
+        unknown = sorted(set(mapping) - set(datasets))
+        if unknown:
+            raise ScdmError(f"input= names dataset(s) {unknown} that are not in the store (has: {list(datasets)})",
+                            "key input= by the store's dataset names (--input DATASET=PATH)")
+    else:
+        if len(datasets) != 1:
+            raise ScdmError(f"input= gives one path but the store holds {len(datasets)} datasets {list(datasets)}",
+                            "pass a mapping {dataset: path} (CLI: --input DATASET=PATH, repeatable)")
+        mapping = {datasets[0]: Path(given)}
+    out = {}
+    for ds in datasets:
+        if ds in mapping:
+            path = mapping[ds]
+            if not path.exists():
+                raise ScdmError(f"the input given for dataset {ds!r} ({str(path)!r}) does not exist", "check the path")
+        else:
+            src = st.dataset_record(ds).source
+            if not src:
+                raise StoreError(f"the store records no input file for dataset {ds!r}",
+                                 f"pass input=PATH (--input {ds}=PATH) with the file it was extracted from")
+            path = Path(src)
+            if not path.exists():
+                raise ScdmError(f"the input of dataset {ds!r} is no longer at {str(path)!r} (recorded at extraction)",
+                                f"pass input=PATH (--input PATH, or --input {ds}=PATH) where the file is now")
+        out[ds] = path
+    return out
+
+
+def _read(st: EmbeddingStore, ds: str, path: Path, cls: type[Adapter], prov: Provenance | None) -> InputDataset:
+    """Open ``path`` as extraction opened it (layer, gene column, duplicate genes); check its hash."""
+    data = read_input(path, layer=prov.layer if prov else None, gene_key=prov.gene_key if prov else None,
+                      require_labels=False,
+                      require_counts=cls.needs_counts, allow_duplicate_genes=cls.allows_duplicate_genes)
+    held = st.dataset_record(ds).input_hash
+    if data.content_hash != held:
+        data.close()
+        raise ScdmError(
+            f"{str(path)!r} is not the input dataset {ds!r} was extracted from (content hash "
+            f"{data.content_hash[:12]} != {str(held)[:12]}); LoRA must see exactly the cells the splits were made on",
+            "pass the original file with input= (--input); if the data changed, re-extract it "
+            "(`scdm-embed extract ... --overwrite`) and re-run the evaluation")
+    return data
+
+
+def _norm(v: Any) -> str:
+    return json.dumps(jsonable(v) if isinstance(v, dict) else v, sort_keys=True, default=str)
+
+
+def _settings_diff(adapter: Adapter, held: Provenance | None) -> list[str]:
+    if held is None or held.settings is None:
+        return []
+    now, was = jsonable(adapter.settings()), dict(held.settings)
+    return sorted(k for k in set(now) | set(was) if _norm(now.get(k)) != _norm(was.get(k)))
+
+
+def _build(model: str, checkpoint: Path, options: Mapping[str, Any], device: torch.device, *,
+           trust_checkpoint: bool = False) -> Adapter:
+    a = get_adapter(model)(checkpoint, trust_checkpoint=trust_checkpoint, **dict(options))
+    a.load(device=device, dtype=torch.float32)  # float32 master weights; autocast does bf16 on CUDA
+    if a.torch_module() is None:
+        raise ScdmError(f"model {model!r} has no neural network to fine-tune with LoRA", "pick a transformer model")
+    return a
+
+
+def _prepare_context(
+    st: EmbeddingStore,
+    index: pd.Index,
+    *,
+    model: str,
+    checkpoint: str | Path | None,
+    input: str | Path | Mapping[str, str | Path] | None,
+    model_options: Mapping[str, Any] | None,
+    device: torch.device,
+    trust_checkpoint: bool = False,
+) -> _Context:
+    """Load the model, open and verify every dataset's cells, tokenize them once (split-table order)."""
+    cls = _check_neural(model)
+    cells = st.cells()
+    if not cells.index.astype(str).equals(index):
+        raise StoreError("the split table does not match the store's cells", "re-make the splits (`scdm-eval splits make --overwrite`)")
+    datasets = list(dict.fromkeys(cells["dataset"]))
+    prov = _provenance(st, model, datasets)
+    ckpt = _checkpoint(model, checkpoint, prov, st)
+    opts = _options(model, model_options, prov, st)
+    paths = _inputs(st, datasets, input)
+    adapter = _build(model, ckpt, opts, device, trust_checkpoint=trust_checkpoint)
+    diff = {ds: d for ds in datasets if (d := _settings_diff(adapter, prov.get(ds)))}
+    if diff:
+        keys = sorted({k for d in diff.values() for k in d})
+        warnings.warn(f"{model}: the re-built model's settings differ from the extraction's in {keys} (datasets "
+                      f"{sorted(diff)}); fine-tuning may see the cells differently from the embeddings. Fix: pass "
+                      "the extraction's model options (model_options= / --option KEY=VALUE).",
+                      LoraSettingsWarning, stacklevel=3)
+    plans: dict[str, GenePlan] = {}
+    tokens: list[dict[str, np.ndarray]] = []
+    for ds in datasets:  # the store's cells are grouped by dataset, in this order
+        data = _read(st, ds, paths[ds], cls, prov.get(ds))
+        try:
+            plans[ds] = plan = adapter.prepare(data.genes)
+            for s in range(0, data.n_cells, _CHUNK):
+                tokens += adapter.tokenize(data.cell_chunk(s, s + _CHUNK), plan)
+        finally:
+            data.close()
+    base = adapter.torch_module().cpu()  # the loaded network becomes the pristine template
+    adapter.model = None  # each partition binds its own LoRA copy
+    return _Context(model, ckpt, dict(opts), device, adapter, base, plans, tokens, cells["dataset"].to_numpy(), diff)
+
+
+# -- training -------------------------------------------------------------------------------
+def _runner(ctx: _Context, batch_size: int, token_budget: int | None) -> Runner:
+    """The Runner of training and inference: ``token_budget`` None = the device default, 0 = no cap."""
+    autocast = torch.bfloat16 if ctx.device.type == "cuda" else None
+    return Runner(ctx.adapter, batch_size=batch_size, token_budget=token_budget, autocast=autocast)
+
+
+def _groups(ctx: _Context, cells: np.ndarray, batch_size: int, rng: np.random.Generator | None
+            ) -> list[np.ndarray]:
+    """Cell positions per optimisation step (``rng``: training) or per dataset (inference).
+
+    One dataset per group (its cells share a gene plan and, for CellPLM, a context). Training:
+    cells shuffled, grouped into steps of ``batch_size`` (length-bucketed for batch-invariant
+    models, as extraction batches), steps shuffled. Inference: each dataset's cells in store order.
+    """
+    a = ctx.adapter
+    out: list[np.ndarray] = []
+    for ds in ctx.plans:
+        mine = cells[ctx.dataset[cells] == ds]
+        if not len(mine):
+            continue
+        if rng is None:
+            out.append(mine)
+            continue
+        mine = rng.permutation(mine)
+        lengths = token_lengths([ctx.tokens[i] for i in mine], a.sequence_keys)
+        out += [mine[b] for b in plan_batches(lengths, batch_size=batch_size, bucket=a.batch_invariant)]
+    if rng is not None:
+        out = [out[i] for i in rng.permutation(len(out))]
+    return out
+
+
+def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.ndarray, *, seed: int, epochs: int,
+                   lr: float, batch_size: int, token_budget: int | None = None, r: int = LORA_R,
+                   alpha: int = LORA_ALPHA, dropout: float = LORA_DROPOUT) -> _Fit:
+    """Fine-tune a fresh LoRA copy of the network + a linear head on ``train``; P(sensitive) on ``test``."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    a = ctx.adapter
+    a.model = copy.deepcopy(ctx.base).to(ctx.device)
+    with warnings.catch_warnings():  # peft notes that it switches GPT-2's Conv1D to fan_in_fan_out itself
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
+        net = apply_lora(a, r=r, alpha=alpha, dropout=dropout)
+    head = torch.nn.Linear(a.dim, 2).to(ctx.device)
+    params = [p for p in net.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    runner = _runner(ctx, batch_size, token_budget)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(ctx.device)
+    losses: list[float] = []
+    net.eval()  # the foundation model runs as in extraction; only LoRA dropout trains
+    for name, m in net.named_modules():
+        if name.endswith("lora_dropout"):
+            m.train()
+    head.train()
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                total, n = 0.0, 0
+                for step in _groups(ctx, train, batch_size, rng):
+                    cells = [ctx.tokens[i] for i in step]
+                    labels = yt[torch.from_numpy(step).to(ctx.device)]
+
+                    def loss_fn(emb: torch.Tensor, pos: np.ndarray, labels=labels, k=len(step)) -> torch.Tensor:
+                        # a sum over cells / the step's size: micro-batch gradients add up to the step's mean
+                        logits = head(emb.float())
+                        return F.cross_entropy(logits, labels[torch.from_numpy(pos).to(ctx.device)],
+                                               reduction="sum") / k
+
+                    opt.zero_grad(set_to_none=True)
+                    try:
+                        # micro-batches within the token budget (bucketed); the Runner splits again on OOM
+                        loss = sum(runner.backward(cells, loss_fn, micro) for micro in runner.batches(cells))
+                    except FloatingPointError as err:
+                        raise ScdmError(f"LoRA training of {ctx.model} diverged ({err})",
+                                        "try a smaller lr (--lr)") from None
+                    opt.step()
+                    total += loss * len(step)
+                    n += len(step)
+                losses.append(total / max(n, 1))
+        net.eval()
+        head.eval()
+        proba = np.empty(len(test), dtype=np.float64)
+        where = {c: i for i, c in enumerate(test)}
+        for group in _groups(ctx, test, batch_size, None):
+            emb = torch.from_numpy(runner.embed([ctx.tokens[i] for i in group])).to(ctx.device)
+            with torch.no_grad():
+                p = torch.softmax(head(emb).float(), dim=1)[:, 1]
+            proba[[where[c] for c in group]] = p.cpu().numpy()
+    finally:
+        a.model = None
+    return _Fit(proba, net, head, losses, time.perf_counter() - t0)
+
+
+# -- public API -----------------------------------------------------------------------------
+def run_lora(
+    store: str | Path | EmbeddingStore,
+    *,
+    model: str,
+    checkpoint: str | Path | None = None,
+    input: str | Path | Mapping[str, str | Path] | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    scheme: Literal["pooled", "cross"] = "pooled",
+    by: str = "all",
+    folds: int = 10,
+    group_key: str | None = None,
+    seed: int = 0,
+    epochs: int = 3,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    token_budget: int | None = None,
+    dropout: float = LORA_DROPOUT,
+    max_partitions: int | None = None,
+    device: str = "auto",
+    out: str | Path | None = None,
+    progress: bool = False,
+    trust_checkpoint: bool = False,
+) -> pd.DataFrame:
+    """LoRA-fine-tune ``model`` + a linear head on every partition of the store's saved splits.
+
+    The partitions are exactly those of ``scdm-eval run`` with the same ``scheme``/``by``/
+    ``folds``/``group_key``/``seed``. Raw cells come from each dataset's recorded input file
+    (``input=``: a path, or ``{dataset: path}``, when it moved; its content hash must match
+    the store's). ``checkpoint`` and ``model_options`` default to the extraction provenance
+    (a store that does not record the options is refused: pass ``model_options``).
+    ``trust_checkpoint`` unpickles the checkpoint files in full (as ``extract --trust-checkpoint``).
+    Per partition: a fresh copy of the network with LoRA (r 8, alpha 8, dropout 0.05), a
+    ``dim -> 2`` head, AdamW (``lr``) on cross-entropy for ``epochs`` epochs over the
+    training cells in batches of ``batch_size``; then P(sensitive) of the test cells, scored
+    like the other classifiers. ``token_budget`` caps the padded tokens of one forward (default:
+    4,096 on CPU, 65,536 on CUDA; 0 = no cap): a larger batch is run as micro-batches whose
+    gradients add up to the batch's. ``dropout`` is the LoRA dropout (0 makes training
+    independent of how a batch is split). Seeded per partition: the same ``seed`` gives the
+    same rows (on the same device). ``max_partitions`` keeps only the first partitions (quick runs).
+
+    Returns one row per partition, columns :data:`RESULT_COLUMNS`, ``classifier="lora"``.
+    With ``out``: ``lora_results.parquet/.csv``, ``lora_summary.csv/.md``, and, when
+    ``results.parquet`` of ``scdm-eval run`` on the same split is there,
+    ``combined_summary.csv/.md`` over both.
+    """
+    st = open_store(store)
+    _check_neural(model)
+    for name, val, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
+        if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < low:
+            raise ScdmError(f"{name} must be an integer >= {low} (got {val!r})", f"pass e.g. {name}=3")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ScdmError(f"lr must be a positive number (got {lr!r})", "pass e.g. lr=1e-4")
+    if token_budget is not None and (not isinstance(token_budget, (int, np.integer)) or isinstance(token_budget, bool)
+                                     or token_budget < 0):
+        raise ScdmError(f"token_budget must be an integer >= 0 (got {token_budget!r})",
+                        "pass e.g. token_budget=4096 (0 = no cap), or leave it out for the device default")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ScdmError(f"dropout must be a number in [0, 1) (got {dropout!r})", f"pass e.g. dropout={LORA_DROPOUT}")
+    if max_partitions is not None and (not isinstance(max_partitions, (int, np.integer)) or max_partitions < 1):
+        raise ScdmError(f"max_partitions must be an integer >= 1 (got {max_partitions!r})", "pass e.g. max_partitions=2, or leave it out")
+    dev = resolve_device(device)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LeakageWarning)
+        warnings.simplefilter("always", SplitWarning)
+        # a new split is saved only once the run succeeded: a failed run leaves the store as it was
+        splits, new_splits = saved_or_computed(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = [str(w.message) for w in caught if issubclass(w.category, (LeakageWarning, SplitWarning))]
+
+    ctx = _prepare_context(st, splits.table.index, model=model, checkpoint=checkpoint, input=input,
+                           model_options=model_options, device=dev, trust_checkpoint=trust_checkpoint)
+    y = splits.table["label"].to_numpy().astype(np.int64)
+    parts: list[Partition] = list(splits)
+    if max_partitions is not None:
+        parts = parts[:max_partitions]
+    rows, log_rows = [], []
+    with contextlib.ExitStack() as stack:
+        advance = lambda: None  # noqa: E731
+        if progress:
+            from rich.progress import Progress
+
+            bar = stack.enter_context(Progress(transient=True))
+            task = bar.add_task(f"LoRA {model} on {dev.type}", total=len(parts))
+            advance = lambda: bar.advance(task)  # noqa: E731
+        for part in parts:
+            s = _task_seed(seed, part.category, part.fold)
+            fit = _fit_partition(ctx, y, part.train, part.test, seed=s, epochs=epochs, lr=lr, batch_size=batch_size,
+                                 token_budget=token_budget, dropout=float(dropout))
+            rows.append(_row(model, splits, part, CLASSIFIER, compute_metrics(y[part.test], fit.proba), y, seed))
+            log_rows.append({"category": part.category, "fold": part.fold, "partition": part.name,
+                             "train_loss": [round(x, 6) for x in fit.losses], "seconds": round(fit.seconds, 3)})
+            log.info("LoRA %s %s/%s: loss %s, %.1f s", model, part.category, part.name, fit.losses, fit.seconds)
+            del fit
+            advance()
+    results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"fold": np.int64, "seed": np.int64})
+    results.attrs.update({
+        "split": splits.name, "skipped": splits.skipped.to_dict("records"), "warnings": notes,
+        "params": {**splits.params, "models": [model], "classifiers": [CLASSIFIER], "store": str(st.path)},
+        "lora": {"checkpoint": str(ctx.checkpoint), "model_options": ctx.options, "r": LORA_R, "alpha": LORA_ALPHA,
+                 "dropout": float(dropout), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                 "token_budget": _runner(ctx, batch_size, token_budget).token_budget, "device": str(dev), "autocast": "bfloat16" if dev.type == "cuda" else None,
+                 "partitions_run": len(parts), "partitions_total": len(splits),
+                 "settings_diff": ctx.settings_diff, "fits": log_rows},
+    })
+    if out is not None:
+        write_lora_report(results, out)
+    if new_splits:
+        save_splits(st, splits)
+    return results
+
+
+def write_lora_report(results: pd.DataFrame, out: str | Path) -> dict[str, Path]:
+    """``lora_results.parquet/.csv`` and ``lora_summary.csv/.md`` in ``out``; with the
+    ``results.parquet`` of ``scdm-eval run`` on the same split there, ``combined_summary.csv/.md``."""
+    from ._report import summarize, to_markdown
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f for k, f in (("results", "lora_results.parquet"), ("results_csv", "lora_results.csv"),
+                                     ("summary_csv", "lora_summary.csv"), ("summary_md", "lora_summary.md"))}
+    plain = results.copy()
+    plain.attrs = {}
+    plain.to_parquet(paths["results"], index=False)
+    plain.to_csv(paths["results_csv"], index=False)
+    summary = summarize(results)
+    summary.to_csv(paths["summary_csv"], index=False)
+    paths["summary_md"].write_text(to_markdown(results, summary), encoding="utf-8")
+    frozen = out / "results.parquet"
+    if frozen.exists() and len(results):
+        other = pd.read_parquet(frozen)
+        other = other[(other["classifier"] != CLASSIFIER) & (other["split"] == results["split"].iloc[0])]
+        if len(other):
+            both = pd.concat([other, plain], ignore_index=True)
+            both.attrs = {k: v for k, v in results.attrs.items() if k != "lora"}
+            p = both.attrs.get("params")
+            if p:
+                both.attrs["params"] = {**p, "models": sorted(set(both["model"])),
+                                        "classifiers": list(dict.fromkeys(both["classifier"]))}
+            s = summarize(both)
+            paths["combined_csv"] = out / "combined_summary.csv"
+            paths["combined_md"] = out / "combined_summary.md"
+            s.to_csv(paths["combined_csv"], index=False)
+            paths["combined_md"].write_text(to_markdown(both, s), encoding="utf-8")
+    return paths
+
+
+__all__ = ["CLASSIFIER", "LoraSettingsWarning", "run_lora", "write_lora_report"]
