@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import store as stores
 from ._version import __version__
 from .errors import InputError, ScdmError, StaleCacheError, StoreError
 from .genes import DEFAULT_MIN_OVERLAP
@@ -28,19 +29,7 @@ from .inputs import InputDataset, LabelSpec, read_input
 from .models import get_adapter
 from .models.base import Adapter, CellChunk, GeneOverlap
 from .runner import Runner, resolve_device, resolve_dtype
-from .store import (
-    DEFAULT_STORE,
-    EmbeddingStore,
-    Provenance,
-    Telemetry,
-    cells_hash,
-    check_name,
-    check_store_path,
-    is_write_failure,
-    store_lock,
-    store_os_error,
-    store_writable,
-)
+from .store import DEFAULT_STORE, EmbeddingStore, Provenance, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +101,11 @@ def extract(
     if store_dtype not in STORE_DTYPES:
         raise ScdmError(f"unknown store dtype {store_dtype!r}", f"use one of: {', '.join(STORE_DTYPES)}")
     # the store path and dataset name are checked before the (possibly long) input read
-    check_store_path(store)
+    stores.check_store_path(store)
     if dataset is not None:
-        check_name(dataset, "dataset")
-    if not Path(store).exists() and not store_writable(store):
-        raise store_os_error(PermissionError(errno.EACCES, "not writable"), store)
+        stores.check_name(dataset, "dataset")
+    if not Path(store).exists() and not stores.store_writable(store):
+        raise stores.store_os_error(PermissionError(errno.EACCES, "not writable"), store)
     if trust_checkpoint:
         log.warning("--trust-checkpoint: the %s checkpoint files are unpickled in full; any code in them runs", model)
     adapter = get_adapter(model)(checkpoint, trust_checkpoint=trust_checkpoint, **dict(model_options or {}))
@@ -143,9 +132,9 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
     """Load the model, decide and write the metadata under the store's lock, then embed the
     chunks still to do (rolling back what this run created when it fails on bad input)."""
     name = dataset or data.path.stem
-    check_name(name, "dataset")  # before the name becomes a path
+    stores.check_name(name, "dataset")  # before the name becomes a path
     store_path = Path(store)
-    check_store_path(store_path)
+    stores.check_store_path(store_path)
     st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
     _check_dataset(st_ro, name, data, overwrite)  # early refusal; repeated under the lock
 
@@ -158,7 +147,7 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
     # Metadata (fitted reference, cell table, array) is decided and written under the store's lock,
     # from the store as it is once the lock is held: concurrent extractions into one store share one
     # reference. Chunk writes below do not take the lock.
-    with store_lock(store_path) as lock:
+    with stores.store_lock(store_path) as lock:
         st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
         _check_dataset(st_ro, name, data, overwrite)
         new_reference = None
@@ -197,8 +186,8 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
                 st.create_embedding(model, name, n_cells=data.n_cells, dim=adapter.dim, dtype=store_dtype, **provenance)
         except BaseException as e:
             _remove_created(store_path, created, model=model, dataset=name, reference=ref_name)
-            if is_write_failure(e):
-                raise store_os_error(e, store_path) from None
+            if stores.is_write_failure(e):
+                raise stores.store_os_error(e, store_path) from None
             raise
         lock.keep()
     if status in ("up-to-date", "metadata-updated"):
@@ -228,18 +217,18 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
                               peak_rss_mb=round(_peak_rss_mb(), 1), batch_size=bs, token_budget=token_budget,
                               peak_gpu_mb=round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
                               if dev.type == "cuda" else None)
-        with store_lock(store_path):
+        with stores.store_lock(store_path):
             st.finish_embedding(model, name, telemetry=telemetry)
     except BaseException as e:
         # bad input discovered while tokenizing, or a full / read-only disk: undo what this run
         # created (resumed runs keep their earlier chunks); interruptions and crashes keep their
         # progress for a resume
-        full = is_write_failure(e)
+        full = stores.is_write_failure(e)
         if isinstance(e, ScdmError) or full:
-            with store_lock(store_path):
+            with stores.store_lock(store_path):
                 _remove_created(store_path, created, model=model, dataset=name, reference=ref_name)
         if full:
-            raise store_os_error(e, store_path) from None
+            raise stores.store_os_error(e, store_path) from None
         raise
     return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, len(todo), seconds,
                             telemetry.cells_per_s, overlap.to_dict())
@@ -334,7 +323,7 @@ def _plan(st_ro: EmbeddingStore | None, name: str, model: str, prov: dict[str, A
     """
     held_ds = st_ro.dataset_attrs(name) if st_ro is not None and name in st_ro.datasets() else None
     new_cells = (held_ds is None or held_ds.get("input_hash") != data.content_hash
-                 or held_ds.get("cells_hash") != cells_hash(data.cells))
+                 or held_ds.get("cells_hash") != stores.cells_hash(data.cells))
     g = st_ro.embedding_group(model, name) if st_ro is not None else None
     n_chunks = -(-data.n_cells // prov["chunk_rows"])
     if g is not None:

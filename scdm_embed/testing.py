@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._synthetic import synthetic_cohort
 from .locations import shared_dir
 
 #: the models with a reference fixture (``shared/reference_fixtures/<model>/checkpoint``)
@@ -169,6 +170,7 @@ def write_celllm_checkpoint(folder: Path, genes: list[str], *, dim: int = 16, se
                             write_gene2vec=write_gene2vec, **kw)
 
 
-__all__ = ["CELLLM_GENES", "FIXTURE_MODELS", "SCBERT_GENES", "fixture_models", "orthogonal_features",
+__all__ = ["CELLLM_GENES", "FIXTURE_MODELS", "SCBERT_GENES", "fixture_models", "orthogonal_features", "synthetic_cohort",
            "performer_state_dict", "save_training_checkpoint", "scgpt_symbols", "write_celllm_checkpoint",
            "write_scbert_checkpoint"]
+

@@ -74,9 +74,9 @@ from ._splits import (
     LeakageWarning,
     Partition,
     SplitWarning,
+    make_splits,
     open_store,
     save_splits,
-    saved_or_computed,
 )
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ def run_lora(
         warnings.simplefilter("always", LeakageWarning)
         warnings.simplefilter("always", SplitWarning)
         # a new split is saved only once the run succeeded: a failed run leaves the store as it was
-        splits, new_splits = saved_or_computed(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed)
+        splits = make_splits(st, save=False, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [str(w.message) for w in caught if issubclass(w.category, (LeakageWarning, SplitWarning))]
@@ -493,7 +493,7 @@ def run_lora(
     })
     if out is not None:
         write_lora_report(results, out)
-    if new_splits:
+    if not splits.saved:
         save_splits(st, splits)
     return results
 

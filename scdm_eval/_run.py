@@ -24,9 +24,9 @@ from ._splits import (
     Partition,
     Splits,
     SplitWarning,
+    make_splits,
     open_store,
     save_splits,
-    saved_or_computed,
 )
 
 #: Columns of the results table, in order.
@@ -183,7 +183,7 @@ def run_evaluation(
         warnings.simplefilter("always", LeakageWarning)
         warnings.simplefilter("always", SplitWarning)
         # a new split is saved only once the run succeeded: a failed run leaves the store as it was
-        splits, new_splits = saved_or_computed(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed,
+        splits = make_splits(st, save=False, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed,
                                                datasets=datasets, strict=strict)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -225,6 +225,6 @@ def run_evaluation(
         from ._report import write_report
 
         write_report(results, out)
-    if new_splits:
+    if not splits.saved:
         save_splits(st, splits)
     return results

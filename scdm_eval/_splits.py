@@ -70,6 +70,8 @@ class Splits:
     table: pd.DataFrame
     partitions: pd.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
+    #: False for splits computed by ``make_splits(..., save=False)`` and not saved yet
+    saved: bool = True
 
     @property
     def skipped(self) -> pd.DataFrame:
@@ -369,6 +371,7 @@ def make_splits(
     datasets: Sequence[str] | None = None,
     strict: bool = False,
     overwrite: bool = False,
+    save: bool = True,
 ) -> Splits:
     """The splits of the store's cells: loaded when saved before, else computed and saved.
 
@@ -383,43 +386,25 @@ def make_splits(
     ``folds``; one study) is skipped with a recorded reason and a :class:`SplitWarning`
     (an :class:`~scdm_embed.ScdmError` with ``strict`` or when nothing is left). Without a
     group key, a :class:`LeakageWarning` flags metadata columns confounded with the label.
-    """
-    st = open_store(store)
-    splits, new = saved_or_computed(st, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed,
-                                    datasets=datasets, strict=strict, overwrite=overwrite)
-    if new:
-        save_splits(st, splits)
-    return splits
-
-
-def saved_or_computed(
-    store: str | Path | EmbeddingStore,
-    *,
-    scheme: Literal["pooled", "cross"] = "pooled",
-    by: str = "all",
-    folds: int = 10,
-    group_key: str | None = None,
-    seed: int = 0,
-    datasets: Sequence[str] | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-) -> tuple[Splits, bool]:
-    """``(splits, new)``: the saved splits (``new`` False), or freshly computed ones, not saved yet.
-
-    What :func:`make_splits` does before it saves; a caller that must validate more first (a
-    run) saves a new split with :func:`save_splits` once that succeeded.
+    ``save=False`` computes new splits without saving them (``splits.saved`` is then False): a
+    caller that must validate more first (a run) saves them with :func:`save_splits` once that
+    succeeded, so a failing run leaves the store as it was.
     """
     st = open_store(store)
     cells = _cells(st, datasets)
     if not overwrite:
         _, _, name = _identify(cells, scheme, by, folds, group_key, seed)
-        saved = _read(st, name, cells)
-        if saved is not None:
+        held = _read(st, name, cells)
+        if held is not None:
             if scheme == "pooled" and group_key is None:
                 _leakage(cells, _categories(cells, by), by)
-            _check_skips(saved.partitions, scheme, by, strict)
-            return saved, False
-    return compute_splits(cells, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed, strict=strict), True
+            _check_skips(held.partitions, scheme, by, strict)
+            return held
+    splits = compute_splits(cells, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed, strict=strict)
+    splits.saved = False
+    if save:
+        save_splits(st, splits)
+    return splits
 
 
 def save_splits(store: str | Path | EmbeddingStore, splits: Splits) -> None:
@@ -429,6 +414,7 @@ def save_splits(store: str | Path | EmbeddingStore, splits: Splits) -> None:
         record = SplitRecord.from_attrs({**splits.params, "partitions": splits.partitions.to_dict("records")},
                                         f"split {splits.name}")
         open_store(st, write=True).put_splits(splits.name, splits.table, record)
+        splits.saved = True
     except OSError as e:
         warnings.warn(f"could not save the splits into {str(st.path)!r} ({e}); they were computed in memory",
                       SplitWarning, stacklevel=3)

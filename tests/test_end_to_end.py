@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from scdm_embed._synthetic import synthetic_cohort
 from scdm_embed.cli import app as embed_app
+from scdm_embed.testing import synthetic_cohort
 from scdm_eval.cli import app as eval_app
 
 runner = CliRunner()

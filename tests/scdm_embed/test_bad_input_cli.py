@@ -19,20 +19,14 @@ from typer.testing import CliRunner
 
 from scdm_embed.cli import app
 from scdm_embed.cli_support import friendly_errors
+from tests._cli import assert_refused
 from tests.conftest import store_snapshot
 
 runner = CliRunner()
 
 
 def _refused(r, *words: str) -> str:
-    """A clean refusal: exit 2, error + fix, no traceback; returns the output on one line."""
-    out = r.output.replace("\n", " ")
-    assert r.exit_code == 2, r.output
-    assert isinstance(r.exception, SystemExit), r.exception
-    assert "error:" in out and "fix:" in out and "Traceback" not in out, r.output
-    for w in words:
-        assert w in out, (w, r.output)
-    return out
+    return assert_refused(r, *words)
 
 
 @pytest.fixture(scope="module")

@@ -130,18 +130,23 @@ def test_changed_settings_are_stale(tmp_path, pc9_small):
         extract(pc9_small, model="pca", store=path, dataset="pc9", progress=False, chunk_size=100)
 
 
+def _two_halves(tmp_path, pc9_small, path):
+    """pca of the all-sensitive half (dataset a), then of the all-resistant half (b), pooled in one
+    store; returns the store's pca reference after each."""
+    a = ad.read_h5ad(pc9_small)
+    refs = []
+    for name, part in (("a", a[:120]), ("b", a[120:])):
+        part.copy().write_h5ad(tmp_path / f"{name}.h5ad")
+        extract(tmp_path / f"{name}.h5ad", model="pca", store=path, dataset=name, progress=False,
+                allow_single_class=True)
+        refs.append(EmbeddingStore(path).get_reference("pca"))
+    return refs
+
+
 def test_reference_fitted_once_per_store(tmp_path, pc9_small):
     """The second dataset reuses the first one's genes and basis, so coordinates agree."""
     path = tmp_path / "s.zarr"
-    a = ad.read_h5ad(pc9_small)
-    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")  # all sensitive: pooled with b (all resistant)
-    a[120:].copy().write_h5ad(tmp_path / "b.h5ad")
-    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", progress=False,
-            allow_single_class=True)
-    ref1 = EmbeddingStore(path).get_reference("pca")
-    extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", progress=False,
-            allow_single_class=True)
-    ref2 = EmbeddingStore(path).get_reference("pca")
+    ref1, ref2 = _two_halves(tmp_path, pc9_small, path)
     np.testing.assert_array_equal(ref1[0]["components"], ref2[0]["components"])
     assert ref2[1]["fitted_on"].endswith("a.h5ad")
     # the same cells through the store's basis give the same coordinates in either dataset
@@ -155,13 +160,7 @@ def test_reference_fitted_once_per_store(tmp_path, pc9_small):
 def test_load_keeps_the_order_of_interleaved_cells(tmp_path, pc9_small):
     """Cells from several datasets in any order come back row-aligned with the table."""
     path = tmp_path / "s.zarr"
-    a = ad.read_h5ad(pc9_small)
-    a[:120].copy().write_h5ad(tmp_path / "a.h5ad")  # all sensitive: pooled with b (all resistant)
-    a[120:].copy().write_h5ad(tmp_path / "b.h5ad")
-    extract(tmp_path / "a.h5ad", model="pca", store=path, dataset="a", progress=False,
-            allow_single_class=True)
-    extract(tmp_path / "b.h5ad", model="pca", store=path, dataset="b", progress=False,
-            allow_single_class=True)
+    _two_halves(tmp_path, pc9_small, path)
     st = EmbeddingStore(path)
     X, cells = st.load("pca")
     pick = [cells.index[130], cells.index[5], cells.index[200], cells.index[6]]

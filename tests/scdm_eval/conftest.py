@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from sklearn.decomposition import PCA
 
-from scdm_embed._synthetic import synthetic_cohort
 from scdm_embed.inputs import META_KEYS
 from scdm_embed.store import EmbeddingStore
+from scdm_embed.testing import synthetic_cohort
 
 #: Fast classifier settings for tests.
 FAST = {"mlp": {"max_epochs": 10, "hidden": (32, 32), "patience": 3, "batch_size": 64}, "xgboost": {"n_estimators": 10, "max_depth": 3}}

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from scdm_embed.store import EmbeddingStore
 from scdm_eval import list_splits
 from scdm_eval.cli import app
+from tests._cli import assert_refused
 from tests.conftest import store_snapshot
 from tests.scdm_eval.conftest import build_store, embeddings
 
@@ -16,14 +17,7 @@ runner = CliRunner()
 
 
 def _refused(args, *words: str) -> str:
-    r = runner.invoke(app, [str(a) for a in args])
-    out = r.output.replace("\n", " ")
-    assert r.exit_code == 2, r.output
-    assert isinstance(r.exception, SystemExit), r.exception
-    assert "error:" in out and "fix:" in out and "Traceback" not in out, r.output
-    for w in words:
-        assert w in out, (w, r.output)
-    return out
+    return assert_refused(runner.invoke(app, [str(a) for a in args]), *words)
 
 
 def _run(store, out, *extra):

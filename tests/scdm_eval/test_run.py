@@ -8,9 +8,9 @@ import warnings
 import pandas as pd
 import pytest
 
-from scdm_embed._synthetic import synthetic_cohort
 from scdm_embed.errors import ScdmError, StoreError
 from scdm_embed.store import EmbeddingStore
+from scdm_embed.testing import synthetic_cohort
 from scdm_eval import METRICS, RESULT_COLUMNS, run_evaluation, summarize
 from tests.scdm_eval.conftest import FAST, build_store, embeddings
 

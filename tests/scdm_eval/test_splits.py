@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 import scdm_eval._splits as splits_mod
-from scdm_embed._synthetic import synthetic_cohort
 from scdm_embed.errors import ScdmError
 from scdm_embed.store import EmbeddingStore
+from scdm_embed.testing import synthetic_cohort
 from scdm_eval import LeakageWarning, SplitWarning, load_splits, make_splits
 from scdm_eval._splits import compute_splits, list_splits
 from tests.scdm_eval.conftest import build_store, cell_table

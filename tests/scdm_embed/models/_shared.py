@@ -121,3 +121,8 @@ def reference(fx: Path) -> dict[str, np.ndarray]:
     out = {k: z[k] for k in z.files}
     out["embeddings"] = np.load(fx / "reference_embeddings.npy")
     return out
+
+
+def tokenize_fresh(adapter: Any, X: Any, genes: GeneTable) -> list[dict[str, np.ndarray]]:
+    """``adapter.tokenize`` of ``make_chunk(X, genes)`` following a fresh plan for ``genes``."""
+    return adapter.tokenize(make_chunk(X, genes), adapter.prepare(genes))

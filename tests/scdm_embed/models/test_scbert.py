@@ -34,7 +34,7 @@ from ._performer_ckpt import (
     scgpt_symbols,
     write_scbert_checkpoint,
 )
-from ._shared import CPU, load_adapter, make_chunk, read_cells
+from ._shared import CPU, load_adapter, make_chunk, read_cells, tokenize_fresh
 
 N_CELLS = 8  # every cell is 16,907 tokens long: keep the count small
 
@@ -75,9 +75,7 @@ def embeddings(adapter: ScBERTAdapter, cells: ad.AnnData, genes: GeneTable) -> n
 _chunk = make_chunk  # (X, genes): float32 CSR, ids c0, c1, ...
 
 
-def _tok(a, X, genes: GeneTable) -> list[dict[str, np.ndarray]]:
-    """``a.tokenize`` of an ``_chunk(X, genes)`` following a fresh plan for ``genes``."""
-    return a.tokenize(_chunk(X, genes), a.prepare(genes))
+_tok = tokenize_fresh  # (adapter, X, genes)
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:
