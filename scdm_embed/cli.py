@@ -54,7 +54,7 @@ def extract(
     store_dtype: Annotated[str, typer.Option(help="Stored dtype: float32 | float16.")] = "float32",
     min_overlap: Annotated[float, typer.Option(help="Refuse when the dataset and the model's vocabulary share less than this.")] = DEFAULT_MIN_OVERLAP,
     reference: Annotated[Path | None, typer.Option(help="pca/hvg: fit genes/basis on this AnnData instead of the first dataset.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace embeddings computed from another input or checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Recompute: replace embeddings computed from another input or checkpoint, or a damaged array.")] = False,
     allow_single_class: Annotated[bool, typer.Option("--allow-single-class", help="Accept a dataset whose cells are all sensitive (or all resistant), to be pooled in the store with datasets that hold the other class.")] = False,
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint files in full (they can run code): only for files you know are the authors'. Default: a restricted loader that refuses code.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
