@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._bundle import Bundle, fit_classifier, load_bundle, predict
     from ._classifiers import CLASSIFIERS, Classifier, make_classifier
     from ._finetune import run_lora
     from ._metrics import METRICS, compute_metrics
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     )
 
 _WHERE = {
+    "Bundle": "_bundle", "fit_classifier": "_bundle", "load_bundle": "_bundle", "predict": "_bundle",
     "CLASSIFIERS": "_classifiers", "Classifier": "_classifiers", "make_classifier": "_classifiers",
     "run_lora": "_finetune",
     "METRICS": "_metrics", "compute_metrics": "_metrics",
@@ -42,6 +44,10 @@ _WHERE = {
     "make_splits": "_splits",
 }
 __all__ = [
+    "Bundle",
+    "fit_classifier",
+    "load_bundle",
+    "predict",
     "BY_CHOICES",
     "CLASSIFIERS",
     "METRICS",

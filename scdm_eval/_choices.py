@@ -29,8 +29,15 @@ class By(str, Enum):
     dataset = "dataset"
 
 
+class Protocol(str, Enum):
+    """``scdm``: defaults with early stopping; ``scdrugmap``: the released scDrugMap code's schedule."""
+
+    scdm = "scdm"
+    scdrugmap = "scdrugmap"
+
+
 SCHEMES: tuple[str, ...] = tuple(s.value for s in Scheme)
 #: Values of ``by``: one pooled category, or one evaluation per value of a metadata column.
 BY_CHOICES: tuple[str, ...] = tuple(b.value for b in By)
 
-__all__ = ["BY_CHOICES", "SCHEMES", "By", "Scheme"]
+__all__ = ["BY_CHOICES", "SCHEMES", "By", "Protocol", "Scheme"]

@@ -1,21 +1,29 @@
 """Fast classifiers over cached embeddings, behind one small seeded interface.
 
-Every classifier is built as ``cls(seed=..., **options)`` and offers ``fit(X, y)`` (``y`` 1 =
-sensitive, 0 = resistant) and ``predict_proba(X)`` -> ``(n, 2)`` (columns resistant,
-sensitive). Each runs single-threaded by default so that grid workers do not oversubscribe
-the machine and results do not depend on thread counts.
+Every classifier is built as ``cls(seed=..., **settings)`` (settings declared once in its
+``options_spec``: typed, checked, listed by :func:`valid_settings`) and offers
+``fit(X, y, *, rows=None, groups=None)`` (``y`` 1 = sensitive, 0 = resistant; with ``rows``,
+``X`` is a larger matrix, e.g. a read-only memmap, and only those rows are read, batch by
+batch, never copied whole) and ``predict_proba(X)`` -> ``(n, 2)`` (columns resistant,
+sensitive). ``threads=0`` means "the cores given to this fit" (the grid sets them, so that
+workers x threads never exceed the cores).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from scdm_embed.models.options import Option, at_least, greater_than
+
 from ._metrics import compute_metrics
+
+#: rows read (gathered from ``X[rows]``) per chunk when a fit streams its training cells
+_CHUNK = 8192
 
 
 @runtime_checkable
@@ -27,16 +35,88 @@ class Classifier(Protocol):
     def predict_proba(self, X: np.ndarray) -> np.ndarray: ...
 
 
-def _check_xy(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    X = np.asarray(X, dtype=np.float32)
+def available_cores() -> int:
+    """CPU cores this process may run on (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _threads(n: int) -> int:
+    return n if n > 0 else available_cores()
+
+
+def _check_xy(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``X`` (not copied when already float32), ``y`` as int64 and the training rows of ``X``."""
+    X = X if isinstance(X, np.ndarray) and X.dtype == np.float32 else np.asarray(X, dtype=np.float32)
     y = np.asarray(y).astype(np.int64).ravel()
-    if X.ndim != 2 or X.shape[0] != y.shape[0]:
+    rows = np.arange(X.shape[0] if X.ndim else 0) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    if X.ndim != 2 or rows.shape[0] != y.shape[0]:
         raise ValueError(f"X {X.shape} and y {y.shape} do not match")
     if not np.isin(y, (0, 1)).all():
         raise ValueError("y must hold 0 (resistant) / 1 (sensitive)")
     if np.unique(y).size < 2:
         raise ValueError("the training cells hold a single class; a classifier needs both")
-    return X, y
+    return X, y, rows
+
+
+def _gather(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]`` as float32 (one chunk: callers keep ``rows`` short)."""
+    if len(rows) and rows[0] == 0 and rows[-1] == len(rows) - 1 and len(rows) == X.shape[0]:
+        return np.ascontiguousarray(X, dtype=np.float32)
+    return np.ascontiguousarray(X[rows], dtype=np.float32)
+
+
+def _moments(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and s.d. (float32; s.d. 0 -> 1) of ``X[rows]``, accumulated in float64 chunk by chunk."""
+    s = np.zeros(X.shape[1], np.float64)
+    s2 = np.zeros(X.shape[1], np.float64)
+    for a in range(0, len(rows), _CHUNK):
+        c = _gather(X, rows[a:a + _CHUNK]).astype(np.float64)
+        s += c.sum(axis=0)
+        s2 += (c * c).sum(axis=0)
+    n = max(len(rows), 1)
+    mean = s / n
+    sd = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    return mean.astype(np.float32), np.where(sd > 1e-12, sd, 1.0).astype(np.float32)
+
+
+def validation_split(y: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int,
+                     cap: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (train, validation) carved from the training cells ``y`` for early stopping.
+
+    Grouped (whole groups held out, e.g. samples) when ``groups`` is given, else stratified by
+    class. ``cap`` > 0 scores at most that many validation cells (a random subset; the held-out
+    groups' other cells are not trained on). Empty validation when there is no room for one
+    (fewer than 2 cells of a class, or fewer than 2 groups, or a side left with one class).
+    """
+    n = len(y)
+    everything, none = np.arange(n), np.empty(0, dtype=np.int64)
+    if fraction <= 0 or np.bincount(y, minlength=2).min() < 2 or n < 4:
+        return everything, none
+    if groups is not None:
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        n_groups = len(np.unique(groups))
+        k = min(max(2, round(1 / fraction)), n_groups)
+        if n_groups < 2:
+            return everything, none
+        tr, va = next(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(everything, y, groups))
+        if np.unique(y[tr]).size < 2:
+            return everything, none
+    else:
+        from sklearn.model_selection import StratifiedShuffleSplit
+
+        n_val = int(np.ceil(fraction * n))
+        if cap > 0:
+            n_val = min(n_val, cap)
+        if n_val < 2 or n - n_val < 2:
+            return everything, none
+        tr, va = next(StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed).split(everything, y))
+    if cap > 0 and len(va) > cap:
+        va = np.sort(np.random.default_rng(seed).choice(va, cap, replace=False))
+    return np.sort(tr), np.sort(va)
 
 
 @contextlib.contextmanager
@@ -51,74 +131,126 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class MLPClassifier:
-    """The scDrugMap MLP: ``d -> 512 -> 512 -> 2`` with ReLU, AdamW and cross-entropy (torch, CPU).
+def _hidden(v: str) -> str | None:
+    try:
+        sizes = [int(s) for s in v.split(",") if s.strip()]
+    except ValueError:
+        return "must be comma-separated layer widths, e.g. 512,512"
+    return None if sizes and min(sizes) >= 1 else "must be comma-separated positive layer widths, e.g. 512,512"
 
-    Inputs are standardised with the training mean/s.d. A stratified ``val_fraction`` of the
-    training cells is held out for early stopping on validation loss (``patience`` epochs;
-    the best epoch's weights are kept); without enough cells of each class for that, it
-    trains ``max_epochs``. Minibatches of ``batch_size``; deterministic for a given ``seed``.
+
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _at_least_0(v: int) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+_THREADS = Option("threads", int, 0, "CPU threads for this fit (0: the cores the grid gives it)", check=_at_least_0)
+
+
+class _Settings:
+    """Classifiers whose settings are declared in ``options_spec`` and set as attributes."""
+
+    name: ClassVar[str]
+    options_spec: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, *, seed: int = 0, **settings: Any) -> None:
+        self.seed = int(seed)
+        self.settings = resolve_settings(self.name, settings)
+        for k, v in self.settings.items():
+            setattr(self, k, v)
+
+
+class MLPClassifier(_Settings):
+    """The scDrugMap MLP: ``d -> 512 -> 512 -> 2`` with ReLU and AdamW (torch, CPU).
+
+    Defaults (``--protocol scdm``): inputs standardised with the training mean/s.d.,
+    cross-entropy, early stopping on the loss of a validation split carved from the TRAINING
+    cells (grouped when ``groups`` are given; at most ``val_max`` cells scored, once per
+    epoch), ``patience`` epochs, the best epoch's weights kept. ``early_stopping=false``,
+    ``keep=last``, ``scale=false``, ``loss=bce`` give the released scDrugMap code's schedule
+    (``--protocol scdrugmap``). Minibatches are gathered from ``X[rows]`` batch by batch (no
+    copy of the training matrix); deterministic for a given ``seed`` and thread count.
     """
 
     name: ClassVar[str] = "mlp"
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("hidden", str, "512,512", "hidden layer widths, comma-separated", check=_hidden),
+        Option("lr", float, 1e-3, "AdamW learning rate", check=greater_than(0)),
+        Option("weight_decay", float, 1e-2, "AdamW weight decay", check=at_least(0)),
+        Option("batch_size", int, 256, "cells per minibatch", check=at_least(1)),
+        Option("max_epochs", int, 100, "most training epochs", check=at_least(1)),
+        Option("early_stopping", bool, True, "stop on the validation loss (false: train max_epochs)"),
+        Option("patience", int, 3, "epochs without a better validation loss before stopping", check=at_least(1)),
+        Option("val_fraction", float, 0.1, "share of the training cells held out for early stopping", check=_fraction),
+        Option("val_max", int, 2048, "most validation cells scored per epoch (0: all)", check=_at_least_0),
+        Option("keep", str, "best", "weights kept: the best validation epoch or the last", choices=("best", "last")),
+        Option("loss", str, "ce", "ce: softmax cross-entropy; bce: BCE-with-logits on one-hot targets",
+               choices=("ce", "bce")),
+        Option("scale", bool, True, "standardise inputs with the training mean/s.d."),
+        _THREADS,
+    )
 
-    def __init__(
-        self,
-        *,
-        seed: int = 0,
-        hidden: tuple[int, ...] = (512, 512),
-        lr: float = 1e-3,
-        weight_decay: float = 1e-2,
-        batch_size: int = 256,
-        max_epochs: int = 100,
-        patience: int = 10,
-        val_fraction: float = 0.1,
-        threads: int = 1,
-    ) -> None:
-        self.seed, self.hidden, self.lr, self.weight_decay = seed, tuple(hidden), lr, weight_decay
-        self.batch_size, self.max_epochs, self.patience = batch_size, max_epochs, patience
-        self.val_fraction, self.threads = val_fraction, threads
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Hidden layer widths."""
+        return tuple(int(s) for s in self.hidden.split(",") if s.strip())
 
     def _net(self, d: int):
         from torch import nn
 
         layers: list[nn.Module] = []
-        for h in self.hidden:
+        for h in self.layers:
             layers += [nn.Linear(d, h), nn.ReLU()]
             d = h
         layers.append(nn.Linear(d, 2))
         return nn.Sequential(*layers)
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> MLPClassifier:
-        import torch
+    def _loss(self, logits, target):
         import torch.nn.functional as F
-        from sklearn.model_selection import StratifiedShuffleSplit
 
-        X, y = _check_xy(X, y)
-        self.mean_ = X.mean(axis=0)
-        sd = X.std(axis=0)
-        self.scale_ = np.where(sd > 0, sd, 1.0).astype(np.float32)
-        Xs = (X - self.mean_) / self.scale_
-        tr, va = np.arange(len(y)), np.empty(0, dtype=np.int64)
-        n_val = int(np.ceil(self.val_fraction * len(y)))
-        if self.val_fraction > 0 and np.bincount(y).min() >= 2 and n_val >= 2 and len(y) - n_val >= 2:
-            sss = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=self.seed)
-            tr, va = next(sss.split(Xs, y))
+        if self.loss == "bce":
+            return F.binary_cross_entropy_with_logits(logits, F.one_hot(target, 2).to(logits.dtype))
+        return F.cross_entropy(logits, target)
+
+    def _inputs(self, X: np.ndarray, rows: np.ndarray):
+        import torch
+
+        xb = torch.from_numpy(_gather(X, rows))
+        return (xb - self._mean_t) / self._scale_t if self.scale else xb
+
+    def fit(self, X: np.ndarray, y: np.ndarray, *, rows: np.ndarray | None = None,
+            groups: np.ndarray | None = None) -> MLPClassifier:
+        """Train on ``X[rows]`` (all rows by default) with labels ``y`` (and ``groups``) of those rows."""
+        import torch
+
+        X, y, rows = _check_xy(X, y, rows)
+        frac = self.val_fraction if self.early_stopping else 0.0
+        tr, va = validation_split(y, None if groups is None else np.asarray(groups)[: len(y)], frac, self.seed,
+                                  self.val_max)
+        self.n_train_, self.n_val_ = len(tr), len(va)
+        if self.scale:
+            self.mean_, self.scale_ = _moments(X, rows[tr])
+        else:
+            self.mean_, self.scale_ = np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
+        self._mean_t, self._scale_t = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
         rng = np.random.default_rng(self.seed)
-        with torch.random.fork_rng(devices=[]), _torch_threads(self.threads):
+        tr_rows, ytr = rows[tr], torch.from_numpy(y[tr])
+        with torch.random.fork_rng(devices=[]), _torch_threads(_threads(self.threads)):
             torch.manual_seed(self.seed)
             net = self._net(X.shape[1])
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            Xt, yt = torch.from_numpy(np.ascontiguousarray(Xs[tr])), torch.from_numpy(y[tr])
-            Xv, yv = torch.from_numpy(np.ascontiguousarray(Xs[va])), torch.from_numpy(y[va])
+            Xv, yv = self._inputs(X, rows[va]), torch.from_numpy(y[va])
             best, best_state, bad = np.inf, None, 0
-            self.n_epochs_, self.best_epoch_ = 0, None
+            self.n_epochs_, self.best_epoch_, self.val_losses_ = 0, None, []
             for epoch in range(self.max_epochs):
                 net.train()
-                perm = torch.from_numpy(rng.permutation(len(tr)))
-                for b in range(0, len(tr), self.batch_size):
+                perm = rng.permutation(len(tr_rows))
+                for b in range(0, len(perm), self.batch_size):
                     idx = perm[b:b + self.batch_size]
-                    loss = F.cross_entropy(net(Xt[idx]), yt[idx])
+                    loss = self._loss(net(self._inputs(X, tr_rows[idx])), ytr[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -126,9 +258,12 @@ class MLPClassifier:
                 if len(va):
                     net.eval()
                     with torch.no_grad():
-                        val_loss = float(F.cross_entropy(net(Xv), yv))
+                        val_loss = float(self._loss(net(Xv), yv))
+                    self.val_losses_.append(val_loss)
                     if val_loss < best - 1e-6:
-                        best, best_state, bad, self.best_epoch_ = val_loss, copy.deepcopy(net.state_dict()), 0, epoch + 1
+                        best, bad, self.best_epoch_ = val_loss, 0, epoch + 1
+                        if self.keep == "best":
+                            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
                     else:
                         bad += 1
                         if bad >= self.patience:
@@ -136,80 +271,144 @@ class MLPClassifier:
             if best_state is not None:
                 net.load_state_dict(best_state)
         net.eval()
-        self.net_ = net
+        self.net_, self.optimizer_ = net, opt
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         import torch
 
-        Xs = ((np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_).astype(np.float32)
+        X = X if isinstance(X, np.ndarray) and X.dtype == np.float32 else np.asarray(X, dtype=np.float32)
+        self._mean_t, self._scale_t = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
         out = []
-        with _torch_threads(self.threads), torch.no_grad():
-            for b in range(0, len(Xs), 8192):
-                out.append(torch.softmax(self.net_(torch.from_numpy(np.ascontiguousarray(Xs[b:b + 8192]))), dim=1).numpy())
-        return np.concatenate(out).astype(np.float64) if out else np.empty((0, 2))
+        with _torch_threads(_threads(self.threads)), torch.no_grad():
+            for b in range(0, len(X), _CHUNK):
+                z = self.net_(self._inputs(X, np.arange(b, min(b + _CHUNK, len(X)))))
+                if self.loss == "bce":
+                    p = torch.sigmoid(z[:, 1]).double().numpy()
+                    out.append(np.column_stack([1.0 - p, p]))
+                else:
+                    out.append(torch.softmax(z, dim=1).double().numpy())
+        return np.concatenate(out) if out else np.empty((0, 2))
 
 
-class _FittedModel:
-    """Shared by classifiers wrapping an sklearn-style ``model_``: float32 in, float64 probabilities out."""
+def _rows_iter(X: np.ndarray, rows: np.ndarray, y: np.ndarray, chunk: int):
+    """An ``xgboost.DataIter`` over ``X[rows]`` in chunks (the training matrix is never copied whole)."""
+    import xgboost as xgb
+
+    class RowsIter(xgb.DataIter):
+        def __init__(self) -> None:
+            self._at = 0
+            super().__init__(release_data=True)
+
+        def next(self, input_data) -> bool:
+            if self._at >= len(rows):
+                return False
+            a, b = self._at, min(self._at + chunk, len(rows))
+            input_data(data=_gather(X, rows[a:b]), label=y[a:b].astype(np.float32))
+            self._at = b
+            return True
+
+        def reset(self) -> None:
+            self._at = 0
+
+    return RowsIter()
+
+
+class XGBoostClassifier(_Settings):
+    """Gradient-boosted trees (``xgboost``, ``tree_method="hist"``, float32 ``QuantileDMatrix``).
+
+    The training matrix is quantised once per fit, streamed from ``X[rows]`` in chunks; with
+    ``early_stopping`` (default), boosting stops after ``early_stopping_rounds`` rounds without a
+    better log-loss on a validation split carved from the TRAINING cells (grouped when
+    ``groups`` are given) and predictions use the best round. ``threads=0``: the fit's cores.
+    """
+
+    name: ClassVar[str] = "xgboost"
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("n_estimators", int, 300, "most boosting rounds", check=at_least(1)),
+        Option("max_depth", int, 6, "tree depth", check=at_least(1)),
+        Option("learning_rate", float, 0.1, "shrinkage per round", check=greater_than(0)),
+        Option("max_bin", int, 64, "histogram bins per feature", check=at_least(2)),
+        Option("subsample", float, 0.8, "share of training cells per tree", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        Option("colsample_bytree", float, 0.3, "share of features per tree", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
+        Option("min_child_weight", float, 1.0, "minimum hessian per leaf", check=at_least(0)),
+        Option("reg_lambda", float, 1.0, "L2 penalty on leaf weights", check=at_least(0)),
+        Option("early_stopping", bool, True, "stop on the validation log-loss (false: n_estimators rounds)"),
+        Option("early_stopping_rounds", int, 10, "rounds without a better validation log-loss before stopping",
+               check=at_least(1)),
+        Option("val_fraction", float, 0.1, "share of the training cells held out for early stopping", check=_fraction),
+        _THREADS,
+    )
+
+    def fit(self, X: np.ndarray, y: np.ndarray, *, rows: np.ndarray | None = None,
+            groups: np.ndarray | None = None) -> XGBoostClassifier:
+        """Train on ``X[rows]`` (all rows by default) with labels ``y`` (and ``groups``) of those rows."""
+        import xgboost as xgb
+
+        X, y, rows = _check_xy(X, y, rows)
+        frac = self.val_fraction if self.early_stopping else 0.0
+        tr, va = validation_split(y, None if groups is None else np.asarray(groups), frac, self.seed)
+        self.n_train_, self.n_val_ = len(tr), len(va)
+        nthread = _threads(self.threads)
+        dtrain = xgb.QuantileDMatrix(_rows_iter(X, rows[tr], y[tr], 4 * _CHUNK), max_bin=self.max_bin, nthread=nthread)
+        params = {"tree_method": "hist", "objective": "binary:logistic", "eval_metric": "logloss", "seed": self.seed,
+                  "nthread": nthread, "max_bin": self.max_bin, "max_depth": self.max_depth, "eta": self.learning_rate,
+                  "subsample": self.subsample, "colsample_bytree": self.colsample_bytree,
+                  "min_child_weight": self.min_child_weight, "lambda": self.reg_lambda, "verbosity": 0}
+        evals, stop = [], None
+        if len(va):
+            dval = xgb.QuantileDMatrix(_gather(X, rows[va]), label=y[va].astype(np.float32), ref=dtrain,
+                                      max_bin=self.max_bin, nthread=nthread)
+            evals, stop = [(dval, "val")], self.early_stopping_rounds
+        self.model_ = xgb.train(params, dtrain, num_boost_round=self.n_estimators, evals=evals,
+                                early_stopping_rounds=stop, verbose_eval=False)
+        self.n_rounds_ = self.model_.num_boosted_rounds()
+        self.best_round_ = int(self.model_.best_iteration) + 1 if stop else self.n_rounds_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        X = X if isinstance(X, np.ndarray) and X.dtype == np.float32 else np.asarray(X, dtype=np.float32)
+        self.model_.set_param({"nthread": _threads(self.threads)})
+        out = [np.asarray(self.model_.inplace_predict(_gather(X, np.arange(b, min(b + 4 * _CHUNK, len(X)))),
+                                                      iteration_range=(0, self.best_round_)), dtype=np.float64)
+               for b in range(0, len(X), 4 * _CHUNK)]
+        p = np.concatenate(out) if out else np.empty(0)
+        return np.column_stack([1.0 - p, p])
+
+
+class LogisticClassifier(_Settings):
+    """L2 logistic regression on standardised features (sklearn pipeline, lbfgs)."""
+
+    name: ClassVar[str] = "logreg"
+    options_spec: ClassVar[tuple[Option, ...]] = (
+        Option("C", float, 1.0, "inverse L2 strength", check=greater_than(0)),
+        Option("max_iter", int, 2000, "most lbfgs iterations", check=at_least(1)),
+    )
+
+    def fit(self, X: np.ndarray, y: np.ndarray, *, rows: np.ndarray | None = None,
+            groups: np.ndarray | None = None) -> LogisticClassifier:  # noqa: ARG002
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        X, y, rows = _check_xy(X, y, rows)
+        self.model_ = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter,
+                                                                         random_state=self.seed))
+        self.model_.fit(_gather(X, rows), y)
+        return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.model_.predict_proba(np.asarray(X, dtype=np.float32)), dtype=np.float64)
 
 
-class XGBoostClassifier(_FittedModel):
-    """Gradient-boosted trees (``xgboost``, ``tree_method="hist"``, one thread by default)."""
-
-    name: ClassVar[str] = "xgboost"
-
-    def __init__(self, *, seed: int = 0, n_estimators: int = 200, max_depth: int = 6, learning_rate: float = 0.1,
-                 n_jobs: int = 1, **params: Any) -> None:
-        self.seed = seed
-        self.params = {"n_estimators": n_estimators, "max_depth": max_depth, "learning_rate": learning_rate,
-                       "n_jobs": n_jobs, **params}
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> XGBoostClassifier:
-        from xgboost import XGBClassifier
-
-        X, y = _check_xy(X, y)
-        self.model_ = XGBClassifier(tree_method="hist", objective="binary:logistic", eval_metric="logloss",
-                                    random_state=self.seed, **self.params)
-        self.model_.fit(X, y)
-        return self
-
-
-
-class LogisticClassifier(_FittedModel):
-    """L2 logistic regression on standardised features (sklearn pipeline, lbfgs)."""
-
-    name: ClassVar[str] = "logreg"
-
-    def __init__(self, *, seed: int = 0, C: float = 1.0, max_iter: int = 2000) -> None:
-        self.seed, self.C, self.max_iter = seed, C, max_iter
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> LogisticClassifier:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        X, y = _check_xy(X, y)
-        self.model_ = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter,
-                                                                         random_state=self.seed))
-        self.model_.fit(X, y)
-        return self
-
-
-
-class MajorityClassifier:
+class MajorityClassifier(_Settings):
     """Baseline: every cell gets the training fraction of sensitive cells as its probability."""
 
     name: ClassVar[str] = "majority"
 
-    def __init__(self, *, seed: int = 0) -> None:
-        self.seed = seed
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> MajorityClassifier:
-        _, y = _check_xy(X, y)
+    def fit(self, X: np.ndarray, y: np.ndarray, *, rows: np.ndarray | None = None,
+            groups: np.ndarray | None = None) -> MajorityClassifier:  # noqa: ARG002
+        _, y, _ = _check_xy(X, y, rows)
         self.p_ = float(y.mean())
         return self
 
@@ -218,8 +417,54 @@ class MajorityClassifier:
         return np.column_stack([np.full(n, 1.0 - self.p_), np.full(n, self.p_)])
 
 
-#: Classifier name -> class (``cls(seed=..., **options)``).
+#: Classifier name -> class (``cls(seed=..., **settings)``).
 CLASSIFIERS: dict[str, type] = {c.name: c for c in (MLPClassifier, XGBoostClassifier, LogisticClassifier, MajorityClassifier)}
+
+#: ``--protocol`` presets: classifier settings laid over the defaults (``scdm``: the defaults).
+#: ``scdrugmap`` is the released scDrugMap code's MLP: d-512-512-2, AdamW lr 1e-4, weight decay
+#: 0.01, batch 128, 10 fixed epochs, the last epoch kept, no input scaling, BCE-with-logits;
+#: its folds are random cell-level folds (set by :func:`~scdm_eval.run_evaluation`).
+PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
+    "scdm": {},
+    "scdrugmap": {"mlp": {"hidden": "512,512", "lr": 1e-4, "weight_decay": 0.01, "batch_size": 128, "max_epochs": 10,
+                          "early_stopping": False, "keep": "last", "scale": False, "loss": "bce"}},
+}
+
+
+def valid_settings(name: str) -> str:
+    """The fix text listing classifier ``name``'s settings (``--set NAME.KEY=VALUE``)."""
+    specs = CLASSIFIERS[name].options_spec
+    if not specs:
+        return f"{name} takes no settings: drop --set {name}.*"
+    return f"valid {name} settings (--set {name}.KEY=VALUE): " + "; ".join(s.describe() for s in specs)
+
+
+def resolve_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting of classifier ``name``, typed, from ``given`` (strings or values) and the defaults."""
+    from scdm_embed.errors import ScdmError
+    from scdm_embed.models.options import resolve_options
+
+    given = {k: (",".join(map(str, v)) if isinstance(v, (tuple, list)) else v) for k, v in given.items()}
+    try:
+        return resolve_options(name, CLASSIFIERS[name].options_spec, given)
+    except ScdmError as e:
+        raise ScdmError(f"bad options for classifier {name!r}: {e.problem}", valid_settings(name)) from None
+
+
+def parse_settings(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``["mlp.lr=1e-4", "xgboost.max_depth=4"]`` -> ``{"mlp": {"lr": "1e-4"}, "xgboost": {"max_depth": "4"}}``."""
+    from scdm_embed.errors import ScdmError
+
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        clf, dot, setting = key.strip().partition(".")
+        if not eq or not dot or not setting:
+            raise ScdmError(f"--set {item!r} is not CLASSIFIER.KEY=VALUE", "write it as e.g. --set mlp.lr=1e-4")
+        if clf not in CLASSIFIERS:
+            raise ScdmError(f"--set {item!r}: unknown classifier {clf!r}", f"pick from {', '.join(CLASSIFIERS)}")
+        out.setdefault(clf, {})[setting.strip()] = value.strip()
+    return out
 
 
 def check_classifiers(names) -> tuple[str, ...]:
@@ -238,15 +483,10 @@ def check_classifiers(names) -> tuple[str, ...]:
 
 
 def make_classifier(name: str, *, seed: int = 0, **options: Any) -> Classifier:
-    """Build classifier ``name`` of :data:`CLASSIFIERS` with ``seed`` and options."""
+    """Build classifier ``name`` of :data:`CLASSIFIERS` with ``seed`` and settings (typed and checked)."""
     if name not in CLASSIFIERS:
         check_classifiers([name])
-    try:
-        return CLASSIFIERS[name](seed=seed, **options)
-    except TypeError as e:
-        from scdm_embed.errors import ScdmError
-
-        raise ScdmError(f"bad options for classifier {name!r}: {e}", "check the option names in its docstring") from e
+    return CLASSIFIERS[name](seed=seed, **options)
 
 
 _TORCH_WARM = False
@@ -267,17 +507,26 @@ def _warm_torch() -> None:
 
 
 def fit_score(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, classifier: str,
-              options: dict[str, Any], seed: int, warm_torch: bool = False) -> dict[str, float | str]:
-    """Fit ``classifier`` on rows ``train``, score rows ``test`` (one grid task, single-threaded)."""
+              options: dict[str, Any], seed: int, warm_torch: bool = False, *, threads: int = 1,
+              groups: np.ndarray | None = None) -> dict[str, float | str]:
+    """Fit ``classifier`` on rows ``train`` of ``X`` (read in place, not copied), score rows ``test``.
+
+    One grid task on ``threads`` cores (BLAS/OpenMP pools limited to them; a ``threads=0``
+    setting becomes ``threads``). ``groups``: the training cells' groups, for a grouped
+    early-stopping split.
+    """
     import warnings
 
     from threadpoolctl import threadpool_limits
 
     if warm_torch:
         _warm_torch()
-    with threadpool_limits(limits=1), warnings.catch_warnings():
+    options = dict(options)
+    if "threads" in options and not options["threads"]:
+        options["threads"] = threads
+    with threadpool_limits(limits=threads), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. lbfgs convergence notes inside workers
         clf = make_classifier(classifier, seed=seed, **options)
-        clf.fit(X[train], y[train])
+        clf.fit(X, y[train], rows=train, groups=groups)
         proba = clf.predict_proba(X[test])[:, 1]
-    return compute_metrics(y[test], proba)
+    return {**compute_metrics(y[test], proba), "proba": proba}  # proba: P(sensitive) of the test rows, in order

@@ -69,7 +69,7 @@ from scdm_embed.store import EmbeddingStore, Provenance
 from scdm_embed.store.schema import jsonable
 
 from ._metrics import compute_metrics
-from ._run import RESULT_COLUMNS, _row, _task_seed
+from ._run import RESULT_COLUMNS, _row, _task_seed, predictions_table
 from ._splits import (
     LeakageWarning,
     Partition,
@@ -462,7 +462,7 @@ def run_lora(
     parts: list[Partition] = list(splits)
     if max_partitions is not None:
         parts = parts[:max_partitions]
-    rows, log_rows = [], []
+    rows, log_rows, blocks = [], [], []
     with contextlib.ExitStack() as stack:
         advance = lambda: None  # noqa: E731
         if progress:
@@ -476,12 +476,14 @@ def run_lora(
             fit = _fit_partition(ctx, y, part.train, part.test, seed=s, epochs=epochs, lr=lr, batch_size=batch_size,
                                  token_budget=token_budget, dropout=float(dropout))
             rows.append(_row(model, splits, part, CLASSIFIER, compute_metrics(y[part.test], fit.proba), y, seed))
+            blocks.append((model, part, CLASSIFIER, fit.proba))
             log_rows.append({"category": part.category, "fold": part.fold, "partition": part.name,
                              "train_loss": [round(x, 6) for x in fit.losses], "seconds": round(fit.seconds, 3)})
             log.info("LoRA %s %s/%s: loss %s, %.1f s", model, part.category, part.name, fit.losses, fit.seconds)
             del fit
             advance()
-    results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"fold": np.int64, "seed": np.int64})
+    results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"fold": np.int64, "seed": np.int64,
+                                                                       "leak_prone": bool})
     results.attrs.update({
         "split": splits.name, "skipped": splits.skipped.to_dict("records"), "warnings": notes,
         "params": {**splits.params, "models": [model], "classifiers": [CLASSIFIER], "store": str(st.path)},
@@ -492,15 +494,17 @@ def run_lora(
                  "settings_diff": ctx.settings_diff, "fits": log_rows},
     })
     if out is not None:
-        write_lora_report(results, out)
+        write_lora_report(results, out, predictions=predictions_table(
+            st.cells(splits.params["datasets"]), splits, blocks))
     if not splits.saved:
         save_splits(st, splits)
     return results
 
 
-def write_lora_report(results: pd.DataFrame, out: str | Path) -> dict[str, Path]:
-    """``lora_results.parquet/.csv`` and ``lora_summary.csv/.md`` in ``out``; with the
-    ``results.parquet`` of ``scdm-eval run`` on the same split there, ``combined_summary.csv/.md``."""
+def write_lora_report(results: pd.DataFrame, out: str | Path, *, predictions: pd.DataFrame | None = None) -> dict[str, Path]:
+    """``lora_results.parquet/.csv`` and ``lora_summary.csv/.md`` in ``out`` (with ``predictions``, the
+    per-cell ``lora_predictions.parquet``); with the ``results.parquet`` of ``scdm-eval run`` on the
+    same split there, ``combined_summary.csv/.md``."""
     from ._report import summarize, to_markdown
 
     out = Path(out)
@@ -514,6 +518,9 @@ def write_lora_report(results: pd.DataFrame, out: str | Path) -> dict[str, Path]
     summary = summarize(results)
     summary.to_csv(paths["summary_csv"], index=False)
     paths["summary_md"].write_text(to_markdown(results, summary), encoding="utf-8")
+    if predictions is not None:
+        paths["predictions"] = out / "lora_predictions.parquet"
+        predictions.to_parquet(paths["predictions"], index=False)
     frozen = out / "results.parquet"
     if frozen.exists() and len(results):
         other = pd.read_parquet(frozen)

@@ -15,6 +15,10 @@ from ._metrics import METRICS, mean_ci
 _KEYS = ["model", "scheme", "by", "category", "classifier"]
 _LABELS = {"f1": "F1", "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "Accuracy", "precision": "Precision",
            "recall": "Recall"}
+LEAK_NOTE = ("rows marked leak_prone use cell-level folds on cells whose labels are constant within a sample "
+             "(or another metadata column): cells of one sample sit in training and test, so the scores can reflect "
+             "recognising the sample rather than drug response and are optimistic. Honest alternatives: the default "
+             "grouped folds (--group-key sample) or --scheme cross")
 CI_NOTE = ("mean ± s.d. over folds (held-out studies for the cross scheme); 95% CI = two-sided Student-t "
            "interval of the mean over the folds where the metric is defined (t with n-1 d.f.), clipped to [0, 1]")
 
@@ -22,18 +26,19 @@ CI_NOTE = ("mean ± s.d. over folds (held-out studies for the cross scheme); 95%
 def summarize(results: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """Per model x scheme x category x classifier: fold count and, per metric, mean, s.d.,
     Student-t ``level`` CI over folds, clipped to [0, 1] (``<metric>_ci_low``/``_ci_high``),
-    and ``<metric>_n``, the folds where it is defined."""
+    and ``<metric>_n``, the folds where it is defined; ``leak_prone`` when any of its folds is."""
     rows = []
     for key, g in results.groupby(_KEYS, sort=False, dropna=False):
         row: dict[str, Any] = dict(zip(_KEYS, key, strict=True))
         row["n_folds"] = len(g)
         row["n_cells"] = int(g["n_test"].sum())
+        row["leak_prone"] = bool(g["leak_prone"].any()) if "leak_prone" in g else False
         for m in METRICS:
             mean, sd, lo, hi, n = mean_ci(g[m].to_numpy(), level=level)
             lo, hi = (max(lo, 0.0), min(hi, 1.0)) if n > 1 else (lo, hi)  # every metric lives in [0, 1]
             row.update({f"{m}_mean": mean, f"{m}_sd": sd, f"{m}_ci_low": lo, f"{m}_ci_high": hi, f"{m}_n": n})
         rows.append(row)
-    cols = _KEYS + ["n_folds", "n_cells"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "sd", "ci_low", "ci_high", "n")]
+    cols = _KEYS + ["n_folds", "n_cells", "leak_prone"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "sd", "ci_low", "ci_high", "n")]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -65,7 +70,12 @@ def to_markdown(results: pd.DataFrame, summary: pd.DataFrame | None = None) -> s
                  if p.get("scheme") == "pooled" else f"- leave-one-study-out over `{p.get('study_key')}`"),
                 f"- split: `{results.attrs.get('split')}` ({p.get('n_cells')} cells; datasets {', '.join(p.get('datasets', []))})",
                 f"- models: {', '.join(p.get('models', []))}; classifiers: {', '.join(p.get('classifiers', []))}"]
+        if p.get("settings"):  # every classifier setting that ran (protocol preset + --set)
+            out += [f"- protocol: {p.get('protocol')}; workers x threads per fit: {p.get('workers')} x {p.get('threads_per_fit')}"]
+            out += [f"- {c} settings: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for c, kv in p["settings"].items() if kv]
     out += [f"- {CI_NOTE}; sensitive is the positive class", ""]
+    if summary["leak_prone"].any():
+        out += [f"> **leak_prone**: {LEAK_NOTE}", ""]
     for cat, g in summary.groupby("category", sort=False):
         out += [f"## {g['by'].iloc[0]}: {cat}" if g["by"].iloc[0] != "all" else "## all cells", ""]
         header = ["model", "classifier", "studies" if g["scheme"].iloc[0] == "cross" else "folds"]
@@ -79,7 +89,8 @@ def to_markdown(results: pd.DataFrame, summary: pd.DataFrame | None = None) -> s
                 if 0 < d[f"{m}_n"] < d["n_folds"]:
                     s += f" (n={d[f'{m}_n']})"
                 cells.append(s)
-            rows.append([d["model"], d["classifier"], str(d["n_folds"]), *cells])
+            rows.append([d["model"] + (" (leak_prone)" if d["leak_prone"] else ""), d["classifier"], str(d["n_folds"]),
+                         *cells])
         out += [_md_table(header, rows), ""]
     undefined = results[results["reason"] != ""]
     if len(undefined):
@@ -109,7 +120,8 @@ def rich_table(summary: pd.DataFrame, *, metrics: Sequence[str] = ("f1", "auroc"
         t.add_column(_LABELS[m], justify="right")
     order = summary.assign(_c=pd.Categorical(summary["category"], list(dict.fromkeys(summary["category"]))))
     for r in order.sort_values("_c", kind="stable").to_dict("records"):
-        t.add_row(*([str(r["category"])] if several else []), str(r["model"]), str(r["classifier"]), str(r["n_folds"]),
+        model = str(r["model"]) + (" (leak_prone)" if r.get("leak_prone") else "")
+        t.add_row(*([str(r["category"])] if several else []), model, str(r["classifier"]), str(r["n_folds"]),
                   *[_fmt(r[f"{m}_mean"], r[f"{m}_sd"]).replace(" ± ", "±") for m in metrics])
     return t
 
@@ -158,8 +170,13 @@ def plot_summary(summary: pd.DataFrame, *, metric: str = "auroc", path: str | Pa
     return fig
 
 
-def write_report(results: pd.DataFrame, out: str | Path, *, metric: str = "auroc") -> dict[str, Path]:
-    """Write ``results.parquet/.csv``, ``summary.csv/.md/.png`` and ``skipped.csv`` into ``out``."""
+def write_report(results: pd.DataFrame, out: str | Path, *, metric: str = "auroc",
+                 predictions: pd.DataFrame | None = None) -> dict[str, Path]:
+    """Write ``results.parquet/.csv``, ``summary.csv/.md/.png`` and ``skipped.csv`` into ``out``.
+
+    With ``predictions`` (per-cell test probabilities, columns ``PREDICTION_COLUMNS``), also
+    ``predictions.parquet``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
@@ -173,6 +190,9 @@ def write_report(results: pd.DataFrame, out: str | Path, *, metric: str = "auroc
     summary.to_csv(paths["summary_csv"], index=False)
     paths["summary_md"].write_text(to_markdown(results, summary), encoding="utf-8")
     plot_summary(summary, metric=metric, path=paths["plot"])
+    if predictions is not None:
+        paths["predictions"] = out / "predictions.parquet"
+        predictions.to_parquet(paths["predictions"], index=False)
     pd.DataFrame(results.attrs.get("skipped", []),
                  columns=["category", "fold", "name", "n_train", "n_test", "train_sensitive", "train_resistant",
                           "test_sensitive", "test_resistant", "skipped"]).to_csv(paths["skipped"], index=False)

@@ -12,14 +12,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from joblib import effective_n_jobs
 
 from scdm_embed.errors import ScdmError, StoreError
 from scdm_embed.store import EmbeddingStore
 
-from ._classifiers import check_classifiers, fit_score, make_classifier
+from ._classifiers import PROTOCOLS, available_cores, check_classifiers, fit_score, resolve_settings
 from ._metrics import METRICS
 from ._splits import (
+    CELL_LEVEL,
     LeakageWarning,
     Partition,
     Splits,
@@ -33,7 +33,12 @@ from ._splits import (
 RESULT_COLUMNS: tuple[str, ...] = (
     "model", "scheme", "by", "category", "fold", "partition", "classifier",
     "n_train", "n_test", "train_sensitive", "train_resistant", "test_sensitive", "test_resistant",
-    *METRICS, "reason", "split", "seed",
+    *METRICS, "reason", "split", "seed", "leak_prone",
+)
+#: Columns of ``predictions.parquet``: one row per test cell x model x partition x classifier.
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "cell_id", "dataset", "study", "sample", "model", "scheme", "category", "fold", "partition", "classifier",
+    "y_true", "p_sensitive",
 )
 
 
@@ -109,7 +114,45 @@ def _row(model: str, splits: Splits, part: Partition, classifier: str, metrics: 
             "partition": part.name, "classifier": classifier, "n_train": len(ytr), "n_test": len(yte),
             "train_sensitive": int((ytr == 1).sum()), "train_resistant": int((ytr == 0).sum()),
             "test_sensitive": int((yte == 1).sum()), "test_resistant": int((yte == 0).sum()),
-            **{m: metrics[m] for m in METRICS}, "reason": metrics["reason"], "split": splits.name, "seed": seed}
+            **{m: metrics[m] for m in METRICS}, "reason": metrics["reason"], "split": splits.name, "seed": seed,
+            "leak_prone": bool(p.get("leak_prone", False))}
+
+
+def predictions_table(cells: pd.DataFrame, splits: Splits,
+                      blocks: Sequence[tuple[str, Partition, str, np.ndarray]]) -> pd.DataFrame:
+    """Per-cell test predictions (columns :data:`PREDICTION_COLUMNS`) of ``(model, partition, classifier, proba)``.
+
+    ``cells`` is the store's cell table (any order; aligned to ``splits.table`` here); within a
+    block, rows are in the partition's test order, so the metrics recompute exactly from them.
+    """
+    cells = cells.reindex(splits.table.index)
+    keys = splits.table.index.to_numpy(dtype=object)
+    y = splits.table["label"].to_numpy().astype(np.int8)
+    pos = [part.test for _, part, _, _ in blocks]
+    at = np.concatenate(pos) if pos else np.empty(0, dtype=np.int64)
+    sizes = [len(t) for t in pos]
+
+    def per_block(values: list[Any]) -> pd.Categorical:
+        cats = list(dict.fromkeys(values))
+        codes = np.array([cats.index(v) for v in values], dtype=np.int64)
+        return pd.Categorical.from_codes(np.repeat(codes, sizes), categories=cats)
+
+    def meta(col: str) -> pd.Categorical:
+        if col not in cells.columns:
+            return pd.Categorical([None] * len(at), categories=[])
+        return pd.Categorical(cells[col].astype(str).to_numpy(dtype=object)[at])
+
+    ds = cells["dataset"].astype(str).to_numpy(dtype=object)[at]
+    cell_id = np.array([k[len(d) + 1:] for k, d in zip(keys[at], ds, strict=True)], dtype=object)
+    proba = [np.asarray(b[3], dtype=np.float64).ravel() for b in blocks]
+    return pd.DataFrame({
+        "cell_id": cell_id, "dataset": pd.Categorical(ds), "study": meta("study"), "sample": meta("sample"),
+        "model": per_block([b[0] for b in blocks]), "scheme": per_block([splits.params["scheme"]] * len(blocks)),
+        "category": per_block([b[1].category for b in blocks]),
+        "fold": np.repeat(np.array([b[1].fold for b in blocks], dtype=np.int64), sizes),
+        "partition": per_block([b[1].name for b in blocks]), "classifier": per_block([b[2] for b in blocks]),
+        "y_true": y[at], "p_sensitive": np.concatenate(proba) if proba else np.empty(0),
+    }, columns=list(PREDICTION_COLUMNS))
 
 
 def _memmap(X: np.ndarray, folder: str) -> np.ndarray:
@@ -119,15 +162,36 @@ def _memmap(X: np.ndarray, folder: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _grid(tasks: list[tuple], n_jobs: int, advance) -> list[dict[str, Any]]:
-    from joblib import Parallel, delayed, parallel_config
+def plan_workers(n_jobs: int, n_tasks: int, cores: int | None = None) -> tuple[int, int]:
+    """(workers, threads per fit) for ``n_jobs``: workers x threads never exceed the cores.
 
-    with parallel_config(backend="loky", inner_max_num_threads=1):
-        out = []
-        for r in Parallel(n_jobs=n_jobs, return_as="generator")(delayed(fit_score)(*t) for t in tasks):
-            out.append(r)
+    ``n_jobs=-1`` (default) and ``1``: one fit at a time in this process with every core (no
+    worker start-up, no re-imports, no copies; XGBoost hist and the MLP's GEMMs use the
+    threads). ``n_jobs=k``: ``k`` loky workers (at most the cores) x ``cores // k`` threads.
+    """
+    cores = available_cores() if cores is None else cores
+    workers = 1 if n_jobs < 0 else max(1, min(int(n_jobs), cores, n_tasks))
+    return workers, max(1, cores // workers)
+
+
+def _grid(tasks: list[tuple[tuple, dict[str, Any]]], n_jobs: int, threads: int, advance) -> list[dict[str, Any]]:
+    """Run ``fit_score(*args, threads=threads, **kw)`` for each task: in this process, or over loky workers."""
+    out = []
+    if n_jobs == 1:
+        for args, kw in tasks:
+            out.append(fit_score(*args, threads=threads, **kw))
             advance()
         return out
+    from joblib import Parallel, delayed, parallel_config
+
+    # X is a read-only memmap (joblib passes its file name, not its bytes); tasks read their
+    # rows in place, so workers stay under loky's memory-leak guard and are never restarted
+    with parallel_config(backend="loky", inner_max_num_threads=threads):
+        gen = Parallel(n_jobs=n_jobs, return_as="generator")(delayed(fit_score)(*a, threads=threads, **kw) for a, kw in tasks)
+        for r in gen:
+            out.append(r)
+            advance()
+    return out
 
 
 def run_evaluation(
@@ -146,13 +210,19 @@ def run_evaluation(
     classifier_options: Mapping[str, Mapping[str, Any]] | None = None,
     strict: bool = False,
     progress: bool = False,
+    protocol: str = "scdm",
 ) -> pd.DataFrame:
     """Evaluate classifiers on cached embeddings under honest splits.
 
     The splits (see :func:`make_splits`) are made once per store and reused; for every
     ``models`` x partition x ``classifiers`` a classifier is fitted on the partition's
-    training cells and scored on its test cells. Tasks run in parallel over ``n_jobs``
-    loky workers, one thread each; the same ``seed`` gives identical results.
+    training cells and scored on its test cells. ``n_jobs=-1``/``1``: one fit at a time with
+    every core; ``n_jobs=k``: k loky workers x (cores // k) threads (:func:`plan_workers`);
+    the same ``seed`` gives identical results.
+    ``protocol``: ``"scdm"`` (defaults, early stopping) or ``"scdrugmap"`` (the released
+    scDrugMap MLP schedule and random cell-level folds; see :data:`PROTOCOLS`);
+    ``classifier_options`` are laid over it, typed and checked, and every setting is
+    recorded in ``.attrs["params"]["settings"]`` and the summary.
 
     Returns one row per model x category x fold x classifier (columns
     :data:`RESULT_COLUMNS`); metrics undefined on a fold are NaN with a ``reason``.
@@ -169,8 +239,16 @@ def run_evaluation(
     unused = sorted(set(options) - set(classifiers))
     if unused:
         raise ScdmError(f"options given for classifier(s) {unused} that are not evaluated", "drop them or add the classifier")
-    for c in classifiers:
-        make_classifier(c, seed=seed, **options.get(c, {}))  # bad options fail here, not in a worker
+    if protocol not in PROTOCOLS:
+        raise ScdmError(f"unknown protocol {protocol!r}", f"use one of {', '.join(PROTOCOLS)}")
+    # every setting, typed and checked here (not in a worker), preset first, the user's on top
+    settings = {c: resolve_settings(c, {**PROTOCOLS[protocol].get(c, {}), **options.get(c, {})}) for c in classifiers}
+    if protocol == "scdrugmap":
+        if group_key not in (None, CELL_LEVEL):
+            raise ScdmError(f"--protocol scdrugmap uses random cell-level folds, as the paper; --group-key {group_key} "
+                            "contradicts it", "drop --group-key, or use --protocol scdm --group-key "
+                            f"{group_key} --set mlp.KEY=VALUE for the settings you want")
+        group_key = CELL_LEVEL  # explicit: the paper's folds (rows are flagged leak_prone where they leak)
     all_ds = st.datasets()
     dsets = sorted(datasets) if datasets is not None else all_ds
     if not dsets:
@@ -192,15 +270,28 @@ def run_evaluation(
     y = splits.table["label"].to_numpy().astype(np.int64)
     parts = list(splits)
     n_tasks = len(models) * len(parts) * len(classifiers)
-    workers = min(effective_n_jobs(n_jobs), n_tasks)
+    workers, threads = plan_workers(int(n_jobs), n_tasks)
+    gkey = splits.params.get("group_key")
+    groups = (st.cells(dsets)[gkey].reindex(splits.table.index).astype(str).to_numpy(dtype=object)
+              if gkey else None)  # early-stopping splits of a grouped fold are grouped too
     rows, metrics = [], []
     with contextlib.ExitStack() as stack:
         advance = lambda: None  # noqa: E731
         if progress:
-            from rich.progress import Progress
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            bar = stack.enter_context(Progress(transient=True))
-            task = bar.add_task(f"fitting ({workers} worker{'s' if workers > 1 else ''})", total=n_tasks)
+            bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                               transient=True))
+            task = bar.add_task(f"fitting ({workers} worker{'s' if workers > 1 else ''} x {threads} thread"
+                                f"{'s' if threads > 1 else ''})", total=n_tasks)
             advance = lambda: bar.advance(task)  # noqa: E731
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="scdm-eval-")) if workers > 1 else None
         for m in models:  # one model in memory at a time
@@ -211,20 +302,24 @@ def run_evaluation(
             for part in parts:
                 s = _task_seed(seed, part.category, part.fold)
                 for c in classifiers:
-                    tasks.append((X, y, part.train, part.test, c, options.get(c, {}), s, "mlp" in classifiers))
+                    g = None if groups is None else groups[part.train]
+                    tasks.append(((X, y, part.train, part.test, c, settings[c], s, "mlp" in classifiers and workers > 1),
+                                  {"groups": g}))
                     rows.append((m, part, c))
-            metrics += _grid(tasks, workers, advance)
+            metrics += _grid(tasks, workers, threads, advance)
             del X
     results = pd.DataFrame([_row(m, splits, part, c, met, y, seed) for (m, part, c), met in zip(rows, metrics, strict=True)],
                            columns=list(RESULT_COLUMNS))
-    results = results.astype({"fold": np.int64, "seed": np.int64})
+    results = results.astype({"fold": np.int64, "seed": np.int64, "leak_prone": bool})
     results.attrs.update({"split": splits.name, "skipped": splits.skipped.to_dict("records"), "warnings": notes,
                           "params": {**splits.params, "models": list(models), "classifiers": list(classifiers),
-                                     "store": str(st.path)}})
+                                     "store": str(st.path), "protocol": protocol, "settings": settings,
+                                     "workers": workers, "threads_per_fit": threads}})
     if out is not None:
         from ._report import write_report
 
-        write_report(results, out)
+        blocks = [(m, part, c, met["proba"]) for (m, part, c), met in zip(rows, metrics, strict=True)]
+        write_report(results, out, predictions=predictions_table(st.cells(dsets), splits, blocks))
     if not splits.saved:
         save_splits(st, splits)
     return results

@@ -41,6 +41,8 @@ _NOT_META = ("row", "label", "response")
 _CLASS = {1: "sensitive", 0: "resistant"}
 #: ends the skip reason of a category that holds one class only
 _ONE_CLASS = "a classifier cannot be trained on one class"
+#: ``group_key`` value that asks for cell-level folds explicitly (``--group-key none``)
+CELL_LEVEL = "none"
 
 
 class LeakageWarning(UserWarning):
@@ -121,6 +123,28 @@ def _cells(st: EmbeddingStore, datasets: Sequence[str] | None) -> pd.DataFrame:
 
 
 # -- validation -----------------------------------------------------------------------------
+def labels_per_sample(cells: pd.DataFrame) -> bool:
+    """True when the cells have a ``sample`` column with >= 2 samples and each sample holds one label."""
+    if "sample" not in cells.columns:
+        return False
+    s = cells["sample"].astype(str).to_numpy()
+    return pd.unique(s).size >= 2 and int(cells["label"].groupby(s).nunique().max()) == 1
+
+
+def resolve_group_key(cells: pd.DataFrame, scheme: str, group_key: str | None) -> str | None:
+    """The column the folds are grouped by (``None``: cell-level folds).
+
+    ``group_key=None`` (the default) groups pooled folds by ``sample`` when the labels are
+    constant within samples (cell-level folds would then score sample identity);
+    ``"none"`` asks for cell-level folds explicitly; any other value is that column.
+    """
+    if group_key == CELL_LEVEL:
+        return None
+    if group_key is not None:
+        return group_key
+    return "sample" if scheme == "pooled" and labels_per_sample(cells) else None
+
+
 def _check_params(cells: pd.DataFrame, scheme: str, by: str, folds: int, group_key: str | None) -> str:
     if scheme not in SCHEMES:
         raise ScdmError(f"unknown scheme {scheme!r}", f"use one of {', '.join(SCHEMES)}")
@@ -233,8 +257,12 @@ def _cross(category: str, y: np.ndarray, study: np.ndarray) -> tuple[np.ndarray 
     return fold, rows
 
 
-def _leakage(cells: pd.DataFrame, category: np.ndarray, by: str) -> None:
-    """Warn about metadata columns perfectly confounded with the label (cell-level folds only)."""
+def _leakage(cells: pd.DataFrame, category: np.ndarray, by: str) -> bool:
+    """Warn about metadata columns perfectly confounded with the label (cell-level folds only).
+
+    Returns whether the folds are leak-prone: some metadata column with >= 2 values (sample,
+    condition, dataset, ...) holds one label per value in an evaluated category.
+    """
     y = cells["label"].to_numpy()
     hits: dict[str, list[str]] = {}
     cols = [c for c in cells.columns if c not in _NOT_META and c != by]
@@ -262,6 +290,7 @@ def _leakage(cells: pd.DataFrame, category: np.ndarray, by: str) -> None:
                       "were assigned per sample or condition (e.g. treated vs control), scores may reflect sample "
                       "identity. Fix: extract with --sample-key COLUMN and pass --group-key sample, or use "
                       "scheme='cross'.", LeakageWarning, stacklevel=4)
+    return bool(hits)
 
 
 # -- public API -----------------------------------------------------------------------------
@@ -310,7 +339,8 @@ def _skip_fix(bad: pd.DataFrame, scheme: str, by: str) -> str:
                      "other class through a coarser --by (e.g. --by all), or extract a dataset that holds the "
                      "other class for them")
     if len(bad) > len(one_class):
-        fixes.append("use a smaller --folds, a coarser --by, or a --group-key with more groups" if scheme == "pooled"
+        fixes.append("use a smaller --folds, a coarser --by, or a --group-key with more groups (--group-key none: "
+                     "cell-level folds, which score sample identity too and are flagged leak_prone)" if scheme == "pooled"
                      else "use a --by whose categories hold >= 2 studies with both classes, or --scheme pooled")
     return "; ".join(fixes)
 
@@ -326,11 +356,11 @@ def compute_splits(
     strict: bool = False,
 ) -> Splits:
     """Compute (without saving) the splits of a cell table (see :func:`make_splits`)."""
+    group_key = resolve_group_key(cells, scheme, group_key)
     study_key, cell_hash, name = _identify(cells, scheme, by, folds, group_key, seed)
     y = cells["label"].to_numpy().astype(np.int8)
     category = _categories(cells, by)
-    if scheme == "pooled" and group_key is None:
-        _leakage(cells, category, by)
+    leak_prone = scheme == "pooled" and group_key is None and _leakage(cells, category, by)
     fold = np.full(len(cells), -1, dtype=np.int16)
     rows: list[dict[str, Any]] = []
     groups = cells[group_key].astype(str).to_numpy(dtype=object) if group_key else None
@@ -354,7 +384,8 @@ def compute_splits(
     _check_skips(parts, scheme, by, strict)
     params = {"scheme": scheme, "by": by, "folds": int(folds) if scheme == "pooled" else None, "group_key": group_key,
               "seed": int(seed) if scheme == "pooled" else None, "study_key": study_key, "cell_hash": cell_hash,
-              "n_cells": int(len(cells)), "datasets": sorted(pd.unique(cells["dataset"]).tolist())}
+              "n_cells": int(len(cells)), "datasets": sorted(pd.unique(cells["dataset"]).tolist()),
+              "leak_prone": bool(leak_prone)}
     table = pd.DataFrame({"category": category.astype(str), "fold": fold, "label": y},
                          index=pd.Index(cells.index.astype(str), name="cell"))
     return Splits(name, table, parts, params)
@@ -377,7 +408,10 @@ def make_splits(
 
     ``scheme="pooled"``: stratified ``folds``-fold CV inside each category (``by="all"``: one
     category; otherwise one per value of the ``by`` column); with ``group_key`` (e.g.
-    ``"sample"``) stratified *group* folds, so a group never sits on both sides.
+    ``"sample"``) stratified *group* folds, so a group never sits on both sides. By default
+    (``group_key=None``) pooled folds are grouped by ``sample`` when the cells have that column
+    and each sample holds one label; ``group_key="none"`` asks for cell-level folds, and
+    cell-level folds on label-confounded cells set ``params["leak_prone"]`` (a column of the results).
     ``scheme="cross"``: leave-one-study-out inside each category (the ``study`` column, or
     ``dataset`` when there is none). Splits cover every cell of ``datasets`` (default: all
     datasets in the store), so all models are compared on the same partitions.
@@ -393,11 +427,12 @@ def make_splits(
     st = open_store(store)
     cells = _cells(st, datasets)
     if not overwrite:
-        _, _, name = _identify(cells, scheme, by, folds, group_key, seed)
+        resolved = resolve_group_key(cells, scheme, group_key)
+        _, _, name = _identify(cells, scheme, by, folds, resolved, seed)
         held = _read(st, name, cells)
         if held is not None:
-            if scheme == "pooled" and group_key is None:
-                _leakage(cells, _categories(cells, by), by)
+            leak = scheme == "pooled" and resolved is None and _leakage(cells, _categories(cells, by), by)
+            held.params["leak_prone"] = bool(leak)  # splits saved before 0.3 lack it
             _check_skips(held.partitions, scheme, by, strict)
             return held
     splits = compute_splits(cells, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed, strict=strict)
@@ -437,7 +472,7 @@ def load_splits(
         got = st.get_splits(name)
         return None if got is None else _from_saved(name, *got)
     cells = _cells(st, datasets)
-    return _read(st, _identify(cells, scheme, by, folds, group_key, seed)[2], cells)
+    return _read(st, _identify(cells, scheme, by, folds, resolve_group_key(cells, scheme, group_key), seed)[2], cells)
 
 
 def _from_saved(name: str, table: pd.DataFrame, record: SplitRecord) -> Splits:
@@ -477,5 +512,6 @@ def list_splits(store: str | Path | EmbeddingStore) -> pd.DataFrame:
     return df.astype({"folds": "Int64", "seed": "Int64"})
 
 
-__all__ = ["BY_CHOICES", "SCHEMES", "By", "LeakageWarning", "Partition", "Scheme", "SplitWarning", "Splits",
-           "compute_splits", "list_splits", "load_splits", "make_splits", "open_store"]
+__all__ = ["BY_CHOICES", "CELL_LEVEL", "SCHEMES", "By", "LeakageWarning", "Partition", "Scheme", "SplitWarning", "Splits",
+           "compute_splits", "labels_per_sample", "list_splits", "load_splits", "make_splits", "open_store",
+           "resolve_group_key"]

@@ -15,7 +15,7 @@ from rich.table import Table
 from scdm_embed.cli_support import err_console, friendly_errors, make_console
 from scdm_embed.store import DEFAULT_STORE
 
-from ._choices import By, Scheme
+from ._choices import By, Protocol, Scheme
 
 app = typer.Typer(
     help="Predict drug sensitivity from cached cell embeddings: fast classifiers under honest, saved splits.\n\n"
@@ -66,8 +66,10 @@ def run(
     folds: FoldsOpt = 10,
     group_key: GroupOpt = None,
     seed: SeedOpt = 0,
-    n_jobs: Annotated[int, typer.Option(help="Parallel workers (-1: all cores).")] = -1,
-    max_epochs: Annotated[int | None, typer.Option(help="MLP: most training epochs; early stopping may end sooner (default: 100).")] = None,
+    n_jobs: Annotated[int, typer.Option(help="Parallel fits: -1 or 1 = one fit at a time on all cores; k = k workers x cores/k threads.")] = -1,
+    protocol: Annotated[Protocol, typer.Option(help="scdm: defaults with early stopping; scdrugmap: the released scDrugMap MLP (d-512-512-2, AdamW lr 1e-4, wd 0.01, batch 128, 10 epochs, last kept, no scaling, BCE) on random cell-level folds.")] = Protocol.scdm,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Classifier setting CLASSIFIER.KEY=VALUE, over the protocol (repeatable), e.g. --set mlp.lr=1e-4 --set xgboost.max_depth=4.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="MLP: most training epochs (same as --set mlp.max_epochs=N).")] = None,
     strict: StrictOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -76,11 +78,15 @@ def run(
     from ._run import run_evaluation
 
     clfs = tuple(classifier) if classifier else ("mlp", "xgboost", "logreg")
-    opts = {"mlp": {"max_epochs": max_epochs}} if max_epochs is not None and "mlp" in clfs else None
+    from ._classifiers import parse_settings
+
+    opts = parse_settings(set_ or [])
+    if max_epochs is not None and "mlp" in clfs:
+        opts.setdefault("mlp", {})["max_epochs"] = max_epochs
     with _show_warnings():
         res = run_evaluation(store, models=model, scheme=scheme.value, by=by.value, classifiers=clfs, folds=folds,
-                             group_key=group_key, seed=seed, n_jobs=n_jobs, out=out, classifier_options=opts,
-                             strict=strict, progress=not quiet)
+                             group_key=group_key, seed=seed, n_jobs=n_jobs, out=out, classifier_options=opts or None,
+                             strict=strict, progress=not quiet, protocol=protocol.value)
     console.print(rich_table(summarize(res)))
     skipped = res.attrs.get("skipped", [])
     if skipped:
@@ -144,6 +150,66 @@ def lora(
     combined = " and combined_summary.md" if (out / "combined_summary.md").exists() else ""
     console.print(f"{len(res)} of {info.get('partitions_total', len(res))} partitions fine-tuned on {info.get('device')}; "
                   f"split {res.attrs['split']}; wrote {out}/lora_results.parquet, lora_results.csv, lora_summary.md{combined}")
+
+
+@app.command()
+@friendly_errors
+def fit(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model whose embeddings the classifier reads.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the bundle (bundle.json + safetensors / model.ubj).")],
+    store: Store = DEFAULT_STORE,
+    classifier: Annotated[str, typer.Option("--classifier", "-c", help="mlp | xgboost | logreg | majority.")] = "logreg",
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Train on this dataset (repeatable; default: every dataset with the model's embeddings).")] = None,
+    by: ByOpt = By.all,
+    category: Annotated[list[str] | None, typer.Option("--category", help="Train on cells whose --by column has this value (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Classifier setting KEY=VALUE or CLASSIFIER.KEY=VALUE (repeatable), e.g. --set lr=1e-4.")] = None,
+    seed: SeedOpt = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a bundle already in --out.")] = False,
+) -> None:
+    """Train a classifier on all selected cells and save it as a bundle (no pickle) with the embedding's provenance."""
+    from ._bundle import fit_classifier
+
+    b = fit_classifier(store, model=model, classifier=classifier, out=out, datasets=dataset, by=by.value,
+                       category=category, settings=_fit_settings(classifier, set_), seed=seed, overwrite=overwrite)
+    t = b.meta["training"]
+    console.print(f"fitted {b.meta['classifier']} on {t['n_cells']} {model} cells ({t['sensitive']} sensitive / "
+                  f"{t['resistant']} resistant; datasets {', '.join(t['datasets'])}); wrote {out}")
+
+
+def _fit_settings(classifier: str, items: list[str] | None) -> dict[str, str]:
+    """``--set`` items of ``fit``: ``KEY=VALUE`` or ``CLASSIFIER.KEY=VALUE`` for the fitted classifier."""
+    from scdm_embed.errors import ScdmError
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        clf, dot, name = key.strip().rpartition(".")
+        if not eq or not name.strip():
+            raise ScdmError(f"--set {item!r} is not KEY=VALUE", "write it as e.g. --set lr=1e-4")
+        if dot and clf != classifier:
+            raise ScdmError(f"--set {item!r} is for {clf!r}, but the classifier is {classifier!r}",
+                            f"write it as --set {classifier}.KEY=VALUE (or KEY=VALUE)")
+        out[name.strip()] = value.strip()
+    return out
+
+
+@app.command()
+@friendly_errors
+def predict(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder from `scdm-eval fit`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Per-cell predictions (.parquet or .csv).")],
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="Store holding the cells' embeddings (with --input: where to embed them; needed for pca/hvg).")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to predict (with --input: its name, default the file name).")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="Raw cells (.h5ad) to embed with the bundle's model first.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="With --input: the model's checkpoint folder (default: the bundle's recorded one).")] = None,
+) -> None:
+    """Predict drug sensitivity per cell with a saved classifier (refuses embeddings computed differently)."""
+    from ._bundle import predict as run_predict
+
+    res = run_predict(bundle, store, dataset=dataset, input=input, checkpoint=checkpoint, out=out)
+    n1 = int((res["predicted"] == "sensitive").sum())
+    console.print(f"{len(res)} cells of {res['dataset'].iloc[0] if len(res) else dataset}: {n1} predicted sensitive, "
+                  f"{len(res) - n1} resistant; wrote {out}")
 
 
 @splits_app.command("make")

@@ -26,7 +26,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.buffer.cpu import NDBuffer
+from zarr.codecs import Crc32cCodec
 
 try:
     import fcntl
@@ -49,11 +50,13 @@ from .schema import (
     stamp,
 )
 
-#: float embeddings barely compress; byte-shuffled LZ4 decodes ~2.4x faster than zstd at a
-#: slightly better ratio (measured on MiniLM embeddings of the PC9 cells, bench/bench_store_read.py)
-EMBEDDING_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-#: a CRC-32C of every compressed chunk: corruption that still decompresses is caught on read
-EMBEDDING_CODECS = (EMBEDDING_CODEC, Crc32cCodec())
+#: no compressor: float32 embeddings barely compress (Blosc-LZ4 + shuffle, the default until
+#: scdm 0.2.x, saved ~6% of space and cost a decode per chunk; uncompressed chunks read ~2-2.5x
+#: faster: bench/bench_store_read.py). Codecs are per-array Zarr metadata, so arrays written
+#: with any earlier codec read as they are.
+EMBEDDING_CODEC = None
+#: a CRC-32C of every chunk: a damaged chunk is caught on read
+EMBEDDING_CODECS = (Crc32cCodec(),)
 #: one-byte done flags do not compress; the checksum still guards them
 DONE_CODECS = (Crc32cCodec(),)
 DEFAULT_STORE = Path("store") / "scdm.zarr"
@@ -392,8 +395,11 @@ class EmbeddingStore:
         return None if g is None else EmbeddingRecord.from_attrs(g.attrs, f"embeddings/{model}/{dataset} in {str(self.path)!r}")
 
     def create_embedding(self, model: str, dataset: str, *, n_cells: int, dim: int, chunk_rows: int,
-                         dtype: str = "float32", **attrs: Any):
-        """Create an empty model x dataset array (rows chunked by ``chunk_rows``) with its done flags."""
+                         dtype: str = "float32", compressors: Sequence[Any] | None = None, **attrs: Any):
+        """Create an empty model x dataset array (rows chunked by ``chunk_rows``) with its done flags.
+
+        ``compressors`` (Zarr bytes-to-bytes codecs) default to :data:`EMBEDDING_CODECS`; benchmarks pass others.
+        """
         _check_name(model, "model")
         mg = self.root["embeddings"].require_group(model)
         if "encoding-type" not in mg.attrs:
@@ -403,7 +409,7 @@ class EmbeddingStore:
         g = mg.create_group(dataset)
         n_chunks = -(-n_cells // chunk_rows)
         x = g.create_array("X", shape=(n_cells, dim), chunks=(chunk_rows, dim), dtype=dtype, fill_value=np.nan,
-                           compressors=EMBEDDING_CODECS)
+                           compressors=EMBEDDING_CODECS if compressors is None else tuple(compressors))
         x.attrs.update(stamp("array"))
         done = g.create_array("done", shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False,
                               compressors=DONE_CODECS)
@@ -431,13 +437,14 @@ class EmbeddingStore:
             attrs["telemetry"] = telemetry.to_attrs() if isinstance(telemetry, Telemetry) else telemetry
         g.attrs.update({**jsonable(attrs), "complete": True, "completed": _now()})
 
-    def put_embedding(self, model: str, dataset: str, X: np.ndarray, *, chunk_rows: int = 1024, **attrs: Any) -> None:
+    def put_embedding(self, model: str, dataset: str, X: np.ndarray, *, chunk_rows: int = 1024,
+                      compressors: Sequence[Any] | None = None, **attrs: Any) -> None:
         """Write a whole in-memory embedding matrix for an existing dataset (API convenience)."""
         ds = self.dataset_attrs(dataset)
         if int(ds["n_cells"]) != X.shape[0]:
             raise StoreError(f"{model}/{dataset}: {X.shape[0]} rows but the dataset has {ds['n_cells']} cells", "pass one row per cell, in the dataset's order")
         self.create_embedding(model, dataset, n_cells=X.shape[0], dim=X.shape[1], chunk_rows=chunk_rows,
-                              input_hash=ds["input_hash"], **attrs)
+                              compressors=compressors, input_hash=ds["input_hash"], **attrs)
         for c, s in enumerate(range(0, X.shape[0], chunk_rows)):
             self.write_chunk(model, dataset, c, np.asarray(X[s:s + chunk_rows]))
         self.finish_embedding(model, dataset)
@@ -514,10 +521,8 @@ class EmbeddingStore:
                 X = np.empty((len(table), x.shape[1]), dtype=np.float32)
             where = np.flatnonzero(ds_col == ds)
             try:
-                if len(where) and where[-1] - where[0] + 1 == len(where):  # contiguous in the output
-                    X[where[0]:where[-1] + 1] = _read_rows(x, row_col[where])
-                elif len(where):
-                    X[where] = _read_rows(x, row_col[where])
+                if len(where):
+                    _read_into(x, row_col[where], X, where)
             except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable or unreadable chunk
                 raise _corrupt(self.path, model, ds, "X", e) from None
         if X is None:
@@ -577,16 +582,27 @@ class EmbeddingStore:
         return ad.io.read_elem(g["table"]), SplitRecord.from_attrs(g.attrs, f"splits/{name} in {str(self.path)!r}")
 
 
-def _read_rows(x, rows: np.ndarray) -> np.ndarray:
-    """Rows of a row-chunked array: one slice over the span they cover, then a gather.
+def _read_into(x, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
+    """Write rows ``rows`` of the row-chunked array ``x`` into ``out[where]`` (``where`` ascending).
 
-    Only the chunks of that span are decoded; a contiguous ascending run needs no gather.
+    Only the chunks holding ``rows`` are read. When ``where`` is one run and ``rows`` ascend,
+    zarr decodes the chunks straight into that block of ``out`` (no intermediate array, no
+    gather copy); rows in any other order are read once, sorted, then scattered.
     """
-    lo, hi = int(rows.min()), int(rows.max()) + 1
-    block = x[lo:hi]
-    if hi - lo == len(rows) and rows[0] == lo and np.all(np.diff(rows) == 1):
-        return block
-    return block[rows - lo]
+    a, b = int(where[0]), int(where[-1]) + 1
+    if b - a == len(where) and x.dtype == out.dtype:
+        block = NDBuffer.from_numpy_array(out[a:b])
+        lo = int(rows[0])
+        if int(rows[-1]) - lo + 1 == len(rows) and np.all(np.diff(rows) == 1):
+            x.get_basic_selection((slice(lo, lo + len(rows)), slice(None)), out=block)
+            return
+        if np.all(np.diff(rows) > 0):
+            x.get_orthogonal_selection((rows, slice(None)), out=block)
+            return
+    uniq, inv = np.unique(rows, return_inverse=True)
+    buf = np.empty((len(uniq), x.shape[1]), dtype=x.dtype)
+    x.get_orthogonal_selection((uniq, slice(None)), out=NDBuffer.from_numpy_array(buf))
+    out[where] = buf[inv]
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ VERSIONS: Mapping[str, str] = MappingProxyType({
     "scdm-splits": "0.1.0",
     "scdm-split": "0.1.0",
     #: anndata's IO-spec dense array, at anndata's version, so ``anndata.io.read_elem`` reads every
-    #: array of a store; codecs (blosc, crc32c) are Zarr metadata and need no version of their own
+    #: array of a store; codecs (crc32c; blosc in older arrays) are Zarr metadata and need no version of their own
     "array": "0.2.0",
 })
 

@@ -76,3 +76,70 @@ def test_bad_names_and_options():
     assert "mlp" in e.value.fix
     with pytest.raises(ScdmError, match="bad options for classifier 'logreg'"):
         make_classifier("logreg", n_layers=3)
+
+
+# -- settings, presets, early stopping (E1) ---------------------------------------------------
+from scdm_eval._classifiers import PROTOCOLS, parse_settings, resolve_settings, validation_split  # noqa: E402
+
+
+def test_scdrugmap_preset_builds_the_released_mlp(data):
+    Xtr, ytr, Xte, _ = data
+    m = make_classifier("mlp", seed=0, **PROTOCOLS["scdrugmap"]["mlp"]).fit(Xtr, ytr)
+    shapes = [tuple(p.shape) for n, p in m.net_.named_parameters() if n.endswith("weight")]
+    assert shapes == [(512, 20), (512, 512), (2, 512)]
+    assert m.n_epochs_ == 10 and m.best_epoch_ is None and m.n_val_ == 0  # 10 fixed epochs, every cell trains
+    assert type(m.optimizer_).__name__ == "AdamW"
+    group = m.optimizer_.param_groups[0]
+    assert group["lr"] == 1e-4 and group["weight_decay"] == 0.01
+    assert m.batch_size == 128 and m.keep == "last" and m.loss == "bce"
+    assert not m.mean_.any() and (m.scale_ == 1).all()  # no input scaling
+    with torch.no_grad():
+        z = m.net_(torch.from_numpy(Xte))
+    np.testing.assert_allclose(m.predict_proba(Xte)[:, 1], torch.sigmoid(z[:, 1]).double().numpy(), rtol=0, atol=1e-12)
+
+
+def test_settings_are_typed_and_refused_when_wrong():
+    s = resolve_settings("mlp", {"lr": "1e-4", "hidden": (64, 32), "early_stopping": "false"})
+    assert s["lr"] == 1e-4 and isinstance(s["lr"], float) and s["hidden"] == "64,32" and s["early_stopping"] is False
+    assert s["max_epochs"] == 100  # every setting, defaults filled in
+    assert make_classifier("mlp", hidden="64,32").layers == (64, 32)
+    assert resolve_settings("xgboost", {"max_depth": "4"})["max_depth"] == 4
+    with pytest.raises(ScdmError, match="bad options for classifier 'mlp'.*'epochs'") as e:
+        resolve_settings("mlp", {"epochs": 3})
+    assert "max_epochs (int, default 100)" in e.value.fix and "--set mlp.KEY=VALUE" in e.value.fix
+    for bad in ({"lr": "fast"}, {"lr": -1}, {"batch_size": 0}, {"keep": "middle"}, {"hidden": "512,x"}):
+        with pytest.raises(ScdmError, match="bad options for classifier 'mlp'"):
+            resolve_settings("mlp", bad)
+    assert parse_settings(["mlp.lr=1e-4", "xgboost.max_depth = 4"]) == {"mlp": {"lr": "1e-4"}, "xgboost": {"max_depth": "4"}}
+    for bad in ("mlp.lr", "lr=1", "svm.C=1"):
+        with pytest.raises(ScdmError, match="--set"):
+            parse_settings([bad])
+
+
+def test_grouped_validation_split_holds_out_whole_groups():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"s{i}" for i in range(10)], 20)
+    y = np.repeat(np.arange(10) % 2, 20)
+    tr, va = validation_split(y, groups, 0.2, seed=rng.integers(100))
+    assert len(va) and not set(groups[tr]) & set(groups[va]) and len(tr) + len(va) == len(y)
+    tr, va = validation_split(y, groups, 0.2, seed=0, cap=7)
+    assert len(va) == 7 and not set(groups[tr]) & set(groups[va])  # capped, the held-out groups still not trained on
+
+
+@pytest.mark.parametrize("name", ["mlp", "xgboost"])
+def test_early_stopping_never_reads_test_cells(name, data):
+    """A fit on rows ``train`` of a matrix whose other rows are garbage equals the fit on ``X[train]`` alone."""
+    Xtr, ytr, Xte, _ = data
+    groups = np.repeat(np.arange(30), 10)
+    opts = {"mlp": {"max_epochs": 60, "hidden": (64, 64), "lr": 1e-2, "patience": 2, "val_fraction": 0.2},
+            "xgboost": {"n_estimators": 200, "max_depth": 3, "early_stopping_rounds": 3, "val_fraction": 0.2}}[name]
+    full = np.concatenate([np.full((50, Xtr.shape[1]), 1e6, np.float32), Xtr, np.full((50, Xtr.shape[1]), -1e6, np.float32)])
+    rows = np.arange(50, 350)
+    a = make_classifier(name, seed=1, **opts).fit(full, ytr, rows=rows, groups=groups)
+    b = make_classifier(name, seed=1, **opts).fit(Xtr, ytr, groups=groups)
+    np.testing.assert_array_equal(a.predict_proba(Xte), b.predict_proba(Xte))
+    assert a.n_val_ > 0 and a.n_train_ + a.n_val_ <= 300
+    if name == "xgboost":
+        assert a.best_round_ < a.n_rounds_ <= 200  # stopped early, predicts with the best round
+    else:
+        assert a.n_epochs_ < 60 and a.best_epoch_ is not None

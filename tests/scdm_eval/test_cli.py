@@ -103,3 +103,22 @@ def test_real_pc9_pooled_logreg(pc9_store, tmp_path):
     res = pd.read_parquet(out / "results.parquet")
     assert len(res) == 5 and (res["n_test"].sum() == 2121)
     assert res["auroc"].mean() > 0.8, res["auroc"].tolist()
+
+
+def test_run_protocol_and_typed_settings(cohort_store, tmp_path):
+    out = tmp_path / "p"
+    _ok(["run", "--store", cohort_store, "-c", "mlp", "-c", "xgboost", "--protocol", "scdrugmap", "--set", "mlp.hidden=16,16",
+         "--set", "mlp.max_epochs=2", "--set", "xgboost.max_depth=2", "--set", "xgboost.n_estimators=5", "--folds", "3",
+         "--out", out, "-q"])
+    md = (out / "summary.md").read_text()
+    assert "protocol: scdrugmap" in md and "mlp settings: hidden=16,16, lr=0.0001" in md and "loss=bce" in md
+    assert "xgboost settings: n_estimators=5, max_depth=2" in md
+    bad = tmp_path / "bad"
+    _fails(["run", "--store", cohort_store, "-c", "mlp", "--set", "mlp.lr=fast", "--out", bad],
+           "bad options for classifier 'mlp'", "lr (float, default 0.001)", "max_epochs (int")
+    _fails(["run", "--store", cohort_store, "-c", "mlp", "--set", "mlp.epochs=3", "--out", bad], "unknown mlp option 'epochs'")
+    _fails(["run", "--store", cohort_store, "-c", "mlp", "--set", "xgboost.max_depth=3", "--out", bad], "not evaluated")
+    _fails(["run", "--store", cohort_store, "-c", "mlp", "--set", "mlp.lr", "--out", bad], "CLASSIFIER.KEY=VALUE")
+    _fails(["run", "--store", cohort_store, "-c", "mlp", "--protocol", "scdrugmap", "--group-key", "sample",
+            "--out", bad], "cell-level folds")
+    assert not bad.exists()

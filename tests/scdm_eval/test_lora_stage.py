@@ -280,6 +280,14 @@ def test_cli(lora_store, tmp_path):
     for f in ("lora_results.csv", "lora_results.parquet", "lora_summary.md", "combined_summary.md"):
         assert (out / f).exists(), f
     assert len(pd.read_csv(out / "lora_results.csv")) == 3
+    # per-cell LoRA predictions: every stored AUROC recomputes exactly from them
+    from scdm_eval import compute_metrics
+
+    pred, lres = pd.read_parquet(out / "lora_predictions.parquet"), pd.read_parquet(out / "lora_results.parquet")
+    assert set(pred["classifier"]) == {"lora"} and len(pred) == int(lres["n_test"].sum())
+    for row in lres.itertuples(index=False):
+        g = pred[(pred["fold"] == row.fold) & (pred["category"] == row.category)]
+        assert compute_metrics(g["y_true"].to_numpy(), g["p_sensitive"].to_numpy())["auroc"] == row.auroc
     combined = (out / "combined_summary.md").read_text()
     assert "logreg" in combined and "lora" in combined
     r = runner.invoke(app, ["lora", "--store", str(lora_store), "--model", "pca", "--out", str(tmp_path / "o")])

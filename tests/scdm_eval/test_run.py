@@ -112,8 +112,8 @@ def test_skipped_category_is_recorded(tmp_path):
 def test_leakage_warning_reaches_the_caller_and_the_report(cohort_store, tmp_path):
     with pytest.warns(UserWarning, match="confounded with 'sample'"):
         res = run_evaluation(cohort_store, models=["sig"], classifiers=("logreg",), folds=3, n_jobs=1,
-                             out=tmp_path / "o")
-    assert any("sample" in w for w in res.attrs["warnings"])
+                             group_key="none", out=tmp_path / "o")  # the default would group by sample
+    assert any("sample" in w for w in res.attrs["warnings"]) and res["leak_prone"].all()
     assert "## Warnings" in (tmp_path / "o" / "summary.md").read_text()
 
 
@@ -135,3 +135,58 @@ def test_bad_requests(cohort_store, tmp_path, cohort):
         _run(cohort_store, models=["partial"], classifiers=("logreg",))
     res = _run(cohort_store, classifiers=("logreg",), folds=3, group_key="sample")  # default: complete models only
     assert set(res["model"]) == {"pca", "sig"}
+
+
+# -- engine: refits, presets, threads (E1) ----------------------------------------------------
+def test_a_fold_refit_reproduces_the_grid_row_bit_for_bit(cohort_store):
+    from scdm_eval import compute_metrics, make_classifier
+    from scdm_eval._run import _task_seed
+
+    res = _run(cohort_store, models=["pca"], classifiers=("mlp", "xgboost"), folds=3, group_key="sample", seed=4)
+    splits = make_splits_for(cohort_store, res)
+    st = EmbeddingStore(cohort_store)
+    X, cells = st.load("pca")
+    X, cells = X[cells.index.get_indexer(splits.table.index)], cells.reindex(splits.table.index)
+    y = splits.table["label"].to_numpy().astype(int)
+    part = list(splits)[1]
+    for c in ("mlp", "xgboost"):
+        clf = make_classifier(c, seed=_task_seed(4, part.category, part.fold), **res.attrs["params"]["settings"][c])
+        clf.fit(X[part.train], y[part.train], groups=cells["sample"].to_numpy()[part.train])
+        met = compute_metrics(y[part.test], clf.predict_proba(X[part.test])[:, 1])
+        row = res[(res["classifier"] == c) & (res["fold"] == part.fold)].iloc[0]
+        for m in METRICS:
+            assert met[m] == row[m], (c, m)  # same process, same code path: bit for bit
+
+
+def make_splits_for(store, res):
+    from scdm_eval import load_splits
+
+    return load_splits(store, res.attrs["split"])
+
+
+def test_protocols_set_what_they_say(cohort_store):
+    res = _run(cohort_store, models=["sig"], classifiers=("mlp",), folds=3, protocol="scdrugmap",
+               classifier_options={"mlp": {"hidden": (16, 16)}})  # the user's settings lie over the preset
+    p = res.attrs["params"]
+    assert p["protocol"] == "scdrugmap" and p["group_key"] is None  # random cell-level folds, as the paper
+    assert p["settings"]["mlp"] == {**p["settings"]["mlp"], "hidden": "16,16", "lr": 1e-4, "weight_decay": 0.01,
+                                    "batch_size": 128, "max_epochs": 10, "early_stopping": False, "keep": "last",
+                                    "scale": False, "loss": "bce"}
+    d = _run(cohort_store, models=["sig"], classifiers=("mlp",), folds=3, group_key="sample").attrs["params"]
+    assert d["protocol"] == "scdm" and d["settings"]["mlp"]["early_stopping"] is True
+    assert d["settings"]["mlp"]["max_epochs"] == FAST["mlp"]["max_epochs"]
+    with pytest.raises(ScdmError, match="scdrugmap uses random cell-level folds"):
+        _run(cohort_store, classifiers=("mlp",), protocol="scdrugmap", group_key="sample")
+    with pytest.raises(ScdmError, match="unknown protocol 'paper'"):
+        _run(cohort_store, classifiers=("mlp",), protocol="paper")
+
+
+def test_workers_times_threads_never_exceed_the_cores():
+    from scdm_eval._run import plan_workers
+
+    assert plan_workers(-1, 30, cores=8) == (1, 8) and plan_workers(1, 30, cores=8) == (1, 8)
+    assert plan_workers(4, 30, cores=8) == (4, 2) and plan_workers(64, 30, cores=8) == (8, 1)
+    assert plan_workers(3, 2, cores=8) == (2, 4)
+    for n_jobs in (-1, 1, 2, 3, 5, 16):
+        w, t = plan_workers(n_jobs, 100, cores=4)
+        assert w * t <= 4

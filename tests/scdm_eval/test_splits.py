@@ -34,7 +34,7 @@ def _quiet(**kw):
 
 
 def test_pooled_is_stratified_and_tests_every_cell_once(cells):
-    s = _quiet(cells=cells, folds=5, seed=0)
+    s = _quiet(cells=cells, folds=5, seed=0, group_key="none")  # explicit cell-level folds
     assert len(s) == 5 and (s.table["fold"] >= 0).all()
     assert s.table.index.equals(cells.index)
     rate = cells["label"].mean()
@@ -53,8 +53,11 @@ def test_grouped_folds_never_split_a_sample(cells):
     for p in s:  # both classes in every training set and every test fold
         assert set(cells["label"].to_numpy()[p.train]) == {0, 1}
         assert set(cells["label"].to_numpy()[p.test]) == {0, 1}
-    # without the group key, samples do straddle folds (the leak the group key prevents)
-    loose = _quiet(cells=cells, folds=3, seed=0)
+    # the default groups these per-sample labels too; explicit cell-level folds straddle samples
+    assert compute_splits(cells, folds=3, seed=0).table["fold"].equals(s.table["fold"])
+    assert s.params["leak_prone"] is False
+    loose = _quiet(cells=cells, folds=3, seed=0, group_key="none")
+    assert loose.params["leak_prone"] is True and loose.params["group_key"] is None
     assert (loose.table.groupby(cells["sample"].to_numpy())["fold"].nunique() > 1).any()
 
 
@@ -137,7 +140,7 @@ def test_too_few_groups_for_k_folds_says_so(cells):
 
 def test_leakage_warnings(cells):
     with pytest.warns(LeakageWarning, match="perfectly confounded with 'sample'"):
-        compute_splits(cells, folds=5)
+        compute_splits(cells, folds=5, group_key="none")
     c = cells.drop(columns="sample").assign(condition=np.where(cells["label"] == 1, "treated", "control"))
     with pytest.warns(LeakageWarning, match="confounded with 'condition'.*--group-key condition"):
         compute_splits(c, folds=5)
