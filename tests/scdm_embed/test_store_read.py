@@ -35,10 +35,10 @@ def _expected(mats, keys):
     return np.stack([mats[k.split("/")[0]][int(k.split("/c")[1])] for k in keys])
 
 
-def test_new_arrays_are_uncompressed_with_a_checksum(store):
+def test_new_arrays_are_compressed_with_a_checksum(store):
     path, _ = store
     meta = json.loads((path / "embeddings" / "m" / "a" / "X" / "zarr.json").read_text())
-    assert [c["name"] for c in meta["codecs"]] == ["bytes", "crc32c"]
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc", "crc32c"]
 
 
 @pytest.mark.parametrize("pick", ["all", "contiguous", "every_other", "sparse", "reversed", "interleaved", "duplicates"])
