@@ -241,7 +241,9 @@ class MLPClassifier(_Settings):
         with torch.random.fork_rng(devices=[]), _torch_threads(_threads(self.threads)):
             torch.manual_seed(self.seed)
             net = self._net(X.shape[1])
-            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            # fused AdamW: one kernel per step instead of ~12 per parameter tensor (the per-tensor
+            # loop took a third of a d-512-512-2 fit on CPU; bench/bench_eval.py)
+            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
             Xv, yv = self._inputs(X, rows[va]), torch.from_numpy(y[va])
             best, best_state, bad = np.inf, None, 0
             self.n_epochs_, self.best_epoch_, self.val_losses_ = 0, None, []

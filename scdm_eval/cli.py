@@ -31,6 +31,7 @@ console = make_console()
 
 
 Store = Annotated[Path, typer.Option("--store", "-s", help="The scdm Zarr store (from `scdm-embed extract`).")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model whose embeddings (or network, for lora) are used, as extracted into the store.")]
 SchemeOpt = Annotated[Scheme, typer.Option(help="pooled: k-fold inside each category; cross: leave one study out.")]
 ByOpt = Annotated[By, typer.Option(help="all: one category; else one evaluation per value of this metadata column.")]
 FoldsOpt = Annotated[int, typer.Option(help="Folds for the pooled scheme.")]
@@ -113,7 +114,7 @@ def _lora_inputs(items: list[str] | None):
 @app.command()
 @friendly_errors
 def lora(
-    model: Annotated[str, typer.Option("--model", "-m", help="Foundation model to fine-tune (as extracted into the store).")],
+    model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for lora_results.parquet/.csv and lora_summary.md.")],
     store: Store = DEFAULT_STORE,
     checkpoint: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: the one recorded at extraction).")] = None,
@@ -155,7 +156,7 @@ def lora(
 @app.command()
 @friendly_errors
 def fit(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model whose embeddings the classifier reads.")],
+    model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the bundle (bundle.json + safetensors / model.ubj).")],
     store: Store = DEFAULT_STORE,
     classifier: Annotated[str, typer.Option("--classifier", "-c", help="mlp | xgboost | logreg | majority.")] = "logreg",

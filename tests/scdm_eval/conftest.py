@@ -72,3 +72,16 @@ def cohort_store(_cohort_store, tmp_path) -> Path:
     path = tmp_path / "s.zarr"
     shutil.copytree(_cohort_store, path)
     return path
+
+
+def run_quiet(store, **kw):
+    """``run_evaluation`` with the FAST classifier settings, one process, warnings silenced."""
+    import warnings
+
+    from scdm_eval import run_evaluation
+
+    kw.setdefault("n_jobs", 1)
+    kw.setdefault("classifier_options", {k: v for k, v in FAST.items() if k in kw.get("classifiers", ())})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run_evaluation(store, **kw)

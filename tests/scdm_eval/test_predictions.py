@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,19 +11,14 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 from scdm_embed.testing import synthetic_cohort
-from scdm_eval import METRICS, RESULT_COLUMNS, compute_metrics, run_evaluation, summarize
+from scdm_eval import METRICS, RESULT_COLUMNS, compute_metrics, summarize
 from scdm_eval.cli import app
-from tests.scdm_eval.conftest import FAST, build_store
+from tests.scdm_eval.conftest import build_store, run_quiet
 
 KEYS = ["model", "scheme", "category", "fold", "classifier"]
 
 
-def _run(store, **kw):
-    kw.setdefault("n_jobs", 1)
-    kw.setdefault("classifier_options", {k: v for k, v in FAST.items() if k in kw.get("classifiers", ())})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_evaluation(store, **kw)
+_run = run_quiet  # run_evaluation with FAST settings, n_jobs 1, quiet
 
 
 @pytest.fixture(scope="module")

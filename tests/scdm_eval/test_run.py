@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pandas as pd
 import pytest
@@ -12,15 +11,9 @@ from scdm_embed.errors import ScdmError, StoreError
 from scdm_embed.store import EmbeddingStore
 from scdm_embed.testing import synthetic_cohort
 from scdm_eval import METRICS, RESULT_COLUMNS, run_evaluation, summarize
-from tests.scdm_eval.conftest import FAST, build_store, embeddings
+from tests.scdm_eval.conftest import FAST, build_store, embeddings, run_quiet
 
-
-def _run(store, **kw):
-    kw.setdefault("n_jobs", 1)
-    kw.setdefault("classifier_options", {k: v for k, v in FAST.items() if k in kw.get("classifiers", ())})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return run_evaluation(store, **kw)
+_run = run_quiet  # run_evaluation with FAST settings, n_jobs 1, quiet
 
 
 def test_pooled_grid_shape_counts_and_skill(cohort_store):
