@@ -36,6 +36,13 @@ class Protocol(str, Enum):
     scdrugmap = "scdrugmap"
 
 
+class LoraHead(str, Enum):
+    """The LoRA stage's head: ``mlp`` (the paper's d-512-512-2) or ``linear`` (d-2)."""
+
+    mlp = "mlp"
+    linear = "linear"
+
+
 SCHEMES: tuple[str, ...] = tuple(s.value for s in Scheme)
 #: Values of ``by``: one pooled category, or one evaluation per value of a metadata column.
 BY_CHOICES: tuple[str, ...] = tuple(b.value for b in By)

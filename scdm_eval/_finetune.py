@@ -1,11 +1,14 @@
-"""LoRA fine-tuning on the saved splits: the foundation model + a linear head, per partition.
+"""LoRA fine-tuning on the saved splits: the foundation model + a classification head, per partition.
 
-scDrugMap's fine-tuning arm: LoRA (r 8, alpha 8, dropout 0.05; :mod:`scdm_embed.models.lora`) on
-the model's attention / feed-forward modules plus a linear head ``dim -> 2`` on the pooled
-cell embedding, trained with AdamW on cross-entropy for a few epochs on each partition's
-training cells and scored on its test cells with the same metrics as the frozen-embedding
-classifiers. Rows use :data:`~scdm_eval._run.RESULT_COLUMNS` with ``classifier="lora"``, so
-``pd.concat([run_evaluation(...), run_lora(...)])`` summarises in one table.
+scDrugMap's fine-tuning arm: LoRA (default r 8, alpha 8, dropout 0.05; :mod:`scdm_embed.models.lora`)
+on the model's target modules (default: the paper's, ``Adapter.lora_targets``) plus a head on
+the pooled cell embedding (default the paper's MLP ``dim -> 512 -> 512 -> 2`` with ReLU; or a
+linear ``dim -> 2``), trained jointly with AdamW on cross-entropy for a few epochs on each
+partition's training cells and scored on its test cells with the same metrics as the
+frozen-embedding classifiers. Several ranks (the paper's ablation: 4, 8, 16) run on the same
+partitions in one call. Rows use :data:`~scdm_eval._run.RESULT_COLUMNS` with
+``classifier="lora-r8"`` (``lora-r{rank}``), so ``pd.concat([run_evaluation(...), run_lora(...)])``
+summarises in one table.
 
 What it reuses, so the comparison is honest:
 
@@ -81,8 +84,16 @@ from ._splits import (
 
 log = logging.getLogger(__name__)
 
-#: The ``classifier`` value of LoRA rows.
+#: The prefix of the ``classifier`` value of LoRA rows (``lora-r8``: rank 8).
 CLASSIFIER = "lora"
+#: The heads: the paper's MLP (``dim -> 512 -> 512 -> 2``) or a linear ``dim -> 2``.
+HEADS = ("mlp", "linear")
+_MLP_HIDDEN = (512, 512)
+
+
+def classifier_name(rank: int) -> str:
+    """The ``classifier`` value of rank ``rank``'s rows: ``lora-r8``."""
+    return f"{CLASSIFIER}-r{int(rank)}"
 #: Cells read and tokenized per block.
 _CHUNK = 1024
 
@@ -105,6 +116,7 @@ class _Context:
     tokens: list[dict[str, np.ndarray]]  #: per cell, in split-table order
     dataset: np.ndarray  #: dataset name per cell, in split-table order
     settings_diff: dict[str, list[str]] = field(default_factory=dict)
+    targets: tuple[str, ...] = ()  #: the LoRA target modules (checked against the network)
 
 
 @dataclass
@@ -113,7 +125,7 @@ class _Fit:
 
     proba: np.ndarray
     net: torch.nn.Module
-    head: torch.nn.Linear
+    head: torch.nn.Module
     losses: list[float]
     seconds: float
 
@@ -246,6 +258,25 @@ def _build(model: str, checkpoint: Path, options: Mapping[str, Any], device: tor
     return a
 
 
+def _resolve_targets(adapter: Adapter, targets: Sequence[str] | None) -> tuple[str, ...]:
+    """``targets`` (default: the adapter's), each checked to name a layer LoRA can wrap."""
+    from scdm_embed.models.lora import lora_targets
+
+    default = lora_targets(adapter)
+    chosen = tuple(targets) if targets else default
+    net = adapter.torch_module()
+    wrappable = [n for n, m in net.named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d))
+                 or type(m).__name__ == "Conv1D"]
+    bad = [t for t in chosen if not any(n == t or n.endswith("." + t) for n in wrappable)]
+    if bad:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in wrappable})
+        raise ScdmError(f"LoRA target(s) {bad} name no linear layer of {adapter.name!r}",
+                        f"pass --targets with layer names of the model (default: {' '.join(default)}; "
+                        f"its layers: {', '.join(leaves[:30])}{' ...' if len(leaves) > 30 else ''})")
+    return chosen
+
+
 def _prepare_context(
     st: EmbeddingStore,
     index: pd.Index,
@@ -256,6 +287,7 @@ def _prepare_context(
     model_options: Mapping[str, Any] | None,
     device: torch.device,
     trust_checkpoint: bool = False,
+    targets: Sequence[str] | None = None,
 ) -> _Context:
     """Load the model, open and verify every dataset's cells, tokenize them once (split-table order)."""
     cls = _check_neural(model)
@@ -268,6 +300,7 @@ def _prepare_context(
     opts = _options(model, model_options, prov, st)
     paths = _inputs(st, datasets, input)
     adapter = _build(model, ckpt, opts, device, trust_checkpoint=trust_checkpoint)
+    chosen = _resolve_targets(adapter, targets)
     diff = {ds: d for ds in datasets if (d := _settings_diff(adapter, prov.get(ds)))}
     if diff:
         keys = sorted({k for d in diff.values() for k in d})
@@ -287,7 +320,8 @@ def _prepare_context(
             data.close()
     base = adapter.torch_module().cpu()  # the loaded network becomes the pristine template
     adapter.model = None  # each partition binds its own LoRA copy
-    return _Context(model, ckpt, dict(opts), device, adapter, base, plans, tokens, cells["dataset"].to_numpy(), diff)
+    return _Context(model, ckpt, dict(opts), device, adapter, base, plans, tokens, cells["dataset"].to_numpy(), diff,
+                    chosen)
 
 
 # -- training -------------------------------------------------------------------------------
@@ -322,10 +356,26 @@ def _groups(ctx: _Context, cells: np.ndarray, batch_size: int, rng: np.random.Ge
     return out
 
 
+def _make_head(dim: int, head: str) -> torch.nn.Module:
+    """The paper's MLP ``dim -> 512 -> 512 -> 2`` (ReLU), or a linear ``dim -> 2``."""
+    if head == "linear":
+        return torch.nn.Linear(dim, 2)
+    layers: list[torch.nn.Module] = []
+    d = dim
+    for h in _MLP_HIDDEN:
+        layers += [torch.nn.Linear(d, h), torch.nn.ReLU()]
+        d = h
+    return torch.nn.Sequential(*layers, torch.nn.Linear(d, 2))
+
+
 def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.ndarray, *, seed: int, epochs: int,
                    lr: float, batch_size: int, token_budget: int | None = None, r: int = LORA_R,
-                   alpha: int = LORA_ALPHA, dropout: float = LORA_DROPOUT) -> _Fit:
-    """Fine-tune a fresh LoRA copy of the network + a linear head on ``train``; P(sensitive) on ``test``."""
+                   alpha: float = LORA_ALPHA, dropout: float = LORA_DROPOUT, head: str = "mlp",
+                   grad_accum: int = 1) -> _Fit:
+    """Fine-tune a fresh LoRA copy of the network + a head on ``train``; P(sensitive) on ``test``.
+
+    An optimiser step averages the gradients of ``grad_accum`` consecutive batches (the mean
+    over their cells)."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -333,9 +383,9 @@ def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.nda
     a.model = copy.deepcopy(ctx.base).to(ctx.device)
     with warnings.catch_warnings():  # peft notes that it switches GPT-2's Conv1D to fan_in_fan_out itself
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
-        net = apply_lora(a, r=r, alpha=alpha, dropout=dropout)
-    head = torch.nn.Linear(a.dim, 2).to(ctx.device)
-    params = [p for p in net.parameters() if p.requires_grad] + list(head.parameters())
+        net = apply_lora(a, r=r, alpha=alpha, dropout=dropout, targets=ctx.targets or None)
+    head_net = _make_head(a.dim, head).to(ctx.device)
+    params = [p for p in net.parameters() if p.requires_grad] + list(head_net.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
     runner = _runner(ctx, batch_size, token_budget)
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(ctx.device)
@@ -344,44 +394,49 @@ def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.nda
     for name, m in net.named_modules():
         if name.endswith("lora_dropout"):
             m.train()
-    head.train()
+    head_net.train()
     try:
         with torch.enable_grad():
             for _ in range(epochs):
                 total, n = 0.0, 0
-                for step in _groups(ctx, train, batch_size, rng):
-                    cells = [ctx.tokens[i] for i in step]
-                    labels = yt[torch.from_numpy(step).to(ctx.device)]
-
-                    def loss_fn(emb: torch.Tensor, pos: np.ndarray, labels=labels, k=len(step)) -> torch.Tensor:
-                        # a sum over cells / the step's size: micro-batch gradients add up to the step's mean
-                        logits = head(emb.float())
-                        return F.cross_entropy(logits, labels[torch.from_numpy(pos).to(ctx.device)],
-                                               reduction="sum") / k
-
+                steps = _groups(ctx, train, batch_size, rng)
+                for w in range(0, len(steps), grad_accum):
+                    window = steps[w:w + grad_accum]
+                    k = sum(len(s) for s in window)
                     opt.zero_grad(set_to_none=True)
-                    try:
-                        # micro-batches within the token budget (bucketed); the Runner splits again on OOM
-                        loss = sum(runner.backward(cells, loss_fn, micro) for micro in runner.batches(cells))
-                    except FloatingPointError as err:
-                        raise ScdmError(f"LoRA training of {ctx.model} diverged ({err})",
-                                        "try a smaller lr (--lr)") from None
+                    loss = 0.0
+                    for step in window:
+                        cells = [ctx.tokens[i] for i in step]
+                        labels = yt[torch.from_numpy(step).to(ctx.device)]
+
+                        def loss_fn(emb: torch.Tensor, pos: np.ndarray, labels=labels, k=k) -> torch.Tensor:
+                            # a sum over cells / the window's size: micro-batch gradients add up to its mean
+                            logits = head_net(emb.float())
+                            return F.cross_entropy(logits, labels[torch.from_numpy(pos).to(ctx.device)],
+                                                   reduction="sum") / k
+
+                        try:
+                            # micro-batches within the token budget (bucketed); the Runner splits again on OOM
+                            loss += sum(runner.backward(cells, loss_fn, micro) for micro in runner.batches(cells))
+                        except FloatingPointError as err:
+                            raise ScdmError(f"LoRA training of {ctx.model} diverged ({err})",
+                                            "try a smaller lr (--lr)") from None
                     opt.step()
-                    total += loss * len(step)
-                    n += len(step)
+                    total += loss * k
+                    n += k
                 losses.append(total / max(n, 1))
         net.eval()
-        head.eval()
+        head_net.eval()
         proba = np.empty(len(test), dtype=np.float64)
         where = {c: i for i, c in enumerate(test)}
         for group in _groups(ctx, test, batch_size, None):
             emb = torch.from_numpy(runner.embed([ctx.tokens[i] for i in group])).to(ctx.device)
             with torch.no_grad():
-                p = torch.softmax(head(emb).float(), dim=1)[:, 1]
+                p = torch.softmax(head_net(emb).float(), dim=1)[:, 1]
             proba[[where[c] for c in group]] = p.cpu().numpy()
     finally:
         a.model = None
-    return _Fit(proba, net, head, losses, time.perf_counter() - t0)
+    return _Fit(proba, net, head_net, losses, time.perf_counter() - t0)
 
 
 # -- public API -----------------------------------------------------------------------------
@@ -401,14 +456,19 @@ def run_lora(
     lr: float = 1e-4,
     batch_size: int = 16,
     token_budget: int | None = None,
+    rank: int | Sequence[int] = LORA_R,
+    alpha: float = LORA_ALPHA,
     dropout: float = LORA_DROPOUT,
+    targets: Sequence[str] | None = None,
+    head: Literal["mlp", "linear"] = "mlp",
+    grad_accum: int = 1,
     max_partitions: int | None = None,
     device: str = "auto",
     out: str | Path | None = None,
     progress: bool = False,
     trust_checkpoint: bool = False,
 ) -> pd.DataFrame:
-    """LoRA-fine-tune ``model`` + a linear head on every partition of the store's saved splits.
+    """LoRA-fine-tune ``model`` + a head on every partition of the store's saved splits, per LoRA rank.
 
     The partitions are exactly those of ``scdm-eval run`` with the same ``scheme``/``by``/
     ``folds``/``group_key``/``seed``. Raw cells come from each dataset's recorded input file
@@ -416,16 +476,21 @@ def run_lora(
     the store's). ``checkpoint`` and ``model_options`` default to the extraction provenance
     (a store that does not record the options is refused: pass ``model_options``).
     ``trust_checkpoint`` unpickles the checkpoint files in full (as ``extract --trust-checkpoint``).
-    Per partition: a fresh copy of the network with LoRA (r 8, alpha 8, dropout 0.05), a
-    ``dim -> 2`` head, AdamW (``lr``) on cross-entropy for ``epochs`` epochs over the
-    training cells in batches of ``batch_size``; then P(sensitive) of the test cells, scored
-    like the other classifiers. ``token_budget`` caps the padded tokens of one forward (default:
+    Per partition and per ``rank`` (one rank or several: ``rank=(4, 8, 16)`` is the paper's
+    ablation, every rank on the same partitions with the same seed): a fresh copy of the
+    network with LoRA (``rank``, ``alpha``, ``dropout``) on ``targets`` (module-name suffixes;
+    default: the model's target modules from the paper, ``Adapter.lora_targets``), a ``head``
+    (``"mlp"``: the paper's ``dim -> 512 -> 512 -> 2``; ``"linear"``: ``dim -> 2``) trained
+    jointly, AdamW (``lr``) on cross-entropy for ``epochs`` epochs over the training cells in
+    batches of ``batch_size``, one optimiser step per ``grad_accum`` batches; then
+    P(sensitive) of the test cells, scored like the other classifiers. ``token_budget`` caps the padded tokens of one forward (default:
     4,096 on CPU, 65,536 on CUDA; 0 = no cap): a larger batch is run as micro-batches whose
     gradients add up to the batch's. ``dropout`` is the LoRA dropout (0 makes training
     independent of how a batch is split). Seeded per partition: the same ``seed`` gives the
     same rows (on the same device). ``max_partitions`` keeps only the first partitions (quick runs).
 
-    Returns one row per partition, columns :data:`RESULT_COLUMNS`, ``classifier="lora"``.
+    Returns one row per partition and rank, columns :data:`RESULT_COLUMNS`, ``classifier="lora-r{rank}"``;
+    ``results.attrs["lora"]`` records every training setting.
     With ``out``: ``lora_results.parquet/.csv``, ``lora_summary.csv/.md``, and, when
     ``results.parquet`` of ``scdm-eval run`` on the same split is there,
     ``combined_summary.csv/.md`` over both.
@@ -442,7 +507,25 @@ def run_lora(
         raise ScdmError(f"token_budget must be an integer >= 0 (got {token_budget!r})",
                         "pass e.g. token_budget=4096 (0 = no cap), or leave it out for the device default")
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ScdmError(f"dropout must be a number in [0, 1) (got {dropout!r})", f"pass e.g. dropout={LORA_DROPOUT}")
+        raise ScdmError(f"dropout must be a number in [0, 1) (got {dropout!r})", f"pass e.g. --dropout {LORA_DROPOUT} (dropout={LORA_DROPOUT})")
+    ranks = _check_ranks(rank)
+    if not isinstance(alpha, (int, float, np.integer, np.floating)) or isinstance(alpha, bool) \
+            or not math.isfinite(alpha) or alpha <= 0:
+        raise ScdmError(f"alpha must be a positive number (got {alpha!r})", f"pass e.g. alpha={LORA_ALPHA}")
+    if head not in HEADS:
+        raise ScdmError(f"head must be one of {list(HEADS)} (got {head!r})",
+                        "pass head='mlp' (the paper's d-512-512-2) or head='linear' (--head mlp|linear)")
+    if not isinstance(grad_accum, (int, np.integer)) or isinstance(grad_accum, bool) or grad_accum < 1:
+        raise ScdmError(f"grad_accum must be an integer >= 1 (got {grad_accum!r})", "pass e.g. grad_accum=4")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ScdmError(f"seed must be an integer (got {seed!r})", "pass e.g. seed=0")
+    if targets is not None:
+        if isinstance(targets, str):
+            targets = [targets]
+        targets = [str(x).strip() for x in targets]
+        if not targets or any(not x for x in targets):
+            raise ScdmError(f"targets must be module names (got {targets!r})",
+                            "pass e.g. --targets query --targets value, or leave it out for the paper's defaults")
     if max_partitions is not None and (not isinstance(max_partitions, (int, np.integer)) or max_partitions < 1):
         raise ScdmError(f"max_partitions must be an integer >= 1 (got {max_partitions!r})", "pass e.g. max_partitions=2, or leave it out")
     dev = resolve_device(device)
@@ -457,7 +540,8 @@ def run_lora(
     notes = [str(w.message) for w in caught if issubclass(w.category, (LeakageWarning, SplitWarning))]
 
     ctx = _prepare_context(st, splits.table.index, model=model, checkpoint=checkpoint, input=input,
-                           model_options=model_options, device=dev, trust_checkpoint=trust_checkpoint)
+                           model_options=model_options, device=dev, trust_checkpoint=trust_checkpoint,
+                           targets=targets)
     y = splits.table["label"].to_numpy().astype(np.int64)
     parts: list[Partition] = list(splits)
     if max_partitions is not None:
@@ -469,26 +553,34 @@ def run_lora(
             from rich.progress import Progress
 
             bar = stack.enter_context(Progress(transient=True))
-            task = bar.add_task(f"LoRA {model} on {dev.type}", total=len(parts))
+            task = bar.add_task(f"LoRA {model} on {dev.type}", total=len(parts) * len(ranks))
             advance = lambda: bar.advance(task)  # noqa: E731
         for part in parts:
             s = _task_seed(seed, part.category, part.fold)
-            fit = _fit_partition(ctx, y, part.train, part.test, seed=s, epochs=epochs, lr=lr, batch_size=batch_size,
-                                 token_budget=token_budget, dropout=float(dropout))
-            rows.append(_row(model, splits, part, CLASSIFIER, compute_metrics(y[part.test], fit.proba), y, seed))
-            blocks.append((model, part, CLASSIFIER, fit.proba))
-            log_rows.append({"category": part.category, "fold": part.fold, "partition": part.name,
-                             "train_loss": [round(x, 6) for x in fit.losses], "seconds": round(fit.seconds, 3)})
-            log.info("LoRA %s %s/%s: loss %s, %.1f s", model, part.category, part.name, fit.losses, fit.seconds)
-            del fit
-            advance()
+            for r in ranks:  # every rank: the same partition, the same seed
+                name = classifier_name(r)
+                fit = _fit_partition(ctx, y, part.train, part.test, seed=s, epochs=epochs, lr=lr,
+                                     batch_size=batch_size, token_budget=token_budget, r=r, alpha=alpha,
+                                     dropout=float(dropout), head=head, grad_accum=int(grad_accum))
+                rows.append(_row(model, splits, part, name, compute_metrics(y[part.test], fit.proba), y, seed))
+                blocks.append((model, part, name, fit.proba))
+                log_rows.append({"category": part.category, "fold": part.fold, "partition": part.name, "rank": r,
+                                 "classifier": name, "train_loss": [round(x, 6) for x in fit.losses],
+                                 "seconds": round(fit.seconds, 3)})
+                log.info("LoRA %s r%d %s/%s: loss %s, %.1f s", model, r, part.category, part.name, fit.losses,
+                         fit.seconds)
+                del fit
+                advance()
     results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"fold": np.int64, "seed": np.int64,
                                                                        "leak_prone": bool})
     results.attrs.update({
         "split": splits.name, "skipped": splits.skipped.to_dict("records"), "warnings": notes,
-        "params": {**splits.params, "models": [model], "classifiers": [CLASSIFIER], "store": str(st.path)},
-        "lora": {"checkpoint": str(ctx.checkpoint), "model_options": ctx.options, "r": LORA_R, "alpha": LORA_ALPHA,
-                 "dropout": float(dropout), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "params": {**splits.params, "models": [model], "classifiers": [classifier_name(r) for r in ranks],
+                   "store": str(st.path)},
+        "lora": {"checkpoint": str(ctx.checkpoint), "model_options": ctx.options, "ranks": ranks, "alpha": alpha,
+                 "dropout": float(dropout), "targets": list(ctx.targets), "head": head,
+                 "head_layers": [ctx.adapter.dim, *(_MLP_HIDDEN if head == "mlp" else ()), 2],
+                 "epochs": epochs, "lr": lr, "batch_size": batch_size, "grad_accum": int(grad_accum), "seed": seed,
                  "token_budget": _runner(ctx, batch_size, token_budget).token_budget, "device": str(dev), "autocast": "bfloat16" if dev.type == "cuda" else None,
                  "partitions_run": len(parts), "partitions_total": len(splits),
                  "settings_diff": ctx.settings_diff, "fits": log_rows},
@@ -499,6 +591,19 @@ def run_lora(
     if not splits.saved:
         save_splits(st, splits)
     return results
+
+
+def _check_ranks(rank: int | Sequence[int]) -> list[int]:
+    """``rank`` as a list of distinct integers >= 1, in the order given."""
+    given = [rank] if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) else rank
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence) or not given:
+        raise ScdmError(f"rank must be an integer >= 1 or a list of them (got {rank!r})",
+                        f"pass e.g. rank={LORA_R} or rank=(4, 8, 16) (--rank 4 --rank 8 --rank 16)")
+    bad = [r for r in given if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1]
+    if bad:
+        raise ScdmError(f"LoRA rank must be an integer >= 1 (got {bad[0]!r})",
+                        f"pass e.g. --rank {LORA_R} (repeatable: --rank 4 --rank 8 --rank 16)")
+    return list(dict.fromkeys(int(r) for r in given))
 
 
 def write_lora_report(results: pd.DataFrame, out: str | Path, *, predictions: pd.DataFrame | None = None) -> dict[str, Path]:
@@ -524,7 +629,8 @@ def write_lora_report(results: pd.DataFrame, out: str | Path, *, predictions: pd
     frozen = out / "results.parquet"
     if frozen.exists() and len(results):
         other = pd.read_parquet(frozen)
-        other = other[(other["classifier"] != CLASSIFIER) & (other["split"] == results["split"].iloc[0])]
+        lora_rows = other["classifier"].astype(str).str.match(rf"^{CLASSIFIER}(-r\d+)?$")
+        other = other[~lora_rows & (other["split"] == results["split"].iloc[0])]
         if len(other):
             both = pd.concat([other, plain], ignore_index=True)
             both.attrs = {k: v for k, v in results.attrs.items() if k != "lora"}
@@ -540,4 +646,4 @@ def write_lora_report(results: pd.DataFrame, out: str | Path, *, predictions: pd
     return paths
 
 
-__all__ = ["CLASSIFIER", "LoraSettingsWarning", "run_lora", "write_lora_report"]
+__all__ = ["CLASSIFIER", "HEADS", "LoraSettingsWarning", "classifier_name", "run_lora", "write_lora_report"]

@@ -15,7 +15,7 @@ from rich.table import Table
 from scdm_embed.cli_support import err_console, friendly_errors, make_console
 from scdm_embed.store import DEFAULT_STORE
 
-from ._choices import By, Protocol, Scheme
+from ._choices import By, LoraHead, Protocol, Scheme
 
 app = typer.Typer(
     help="Predict drug sensitivity from cached cell embeddings: fast classifiers under honest, saved splits.\n\n"
@@ -125,16 +125,22 @@ def lora(
     folds: FoldsOpt = 10,
     group_key: GroupOpt = None,
     seed: SeedOpt = 0,
+    rank: Annotated[list[int] | None, typer.Option("--rank", help="LoRA rank (repeatable: --rank 4 --rank 8 --rank 16 runs the ablation; rows lora-r4, ...) [default: 8].")] = None,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha (scaling alpha/rank).")] = 8.0,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout, in [0, 1).")] = 0.05,
+    targets: Annotated[list[str] | None, typer.Option("--targets", help="Module (name suffix) LoRA wraps (repeatable) [default: the model's from the paper: tgpt c_attn; scbert/celllm to_q to_k to_v; geneformer query key value; scgpt/uce out_proj; cellplm query/key/value_projection].")] = None,
+    head: Annotated[LoraHead, typer.Option(help="mlp: the paper's d-512-512-2 head; linear: d-2. Trained jointly with the adapters.")] = LoraHead.mlp,
     epochs: Annotated[int, typer.Option(help="Training epochs per partition.")] = 3,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (LoRA + head).")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Cells per batch (CellPLM: the cells' shared context).")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Batches whose gradients make one optimiser step.")] = 1,
     token_budget: Annotated[int | None, typer.Option(help="Max padded tokens per forward; larger batches run as micro-batches [default: 4096 on CPU, 65536 on CUDA; 0 = no cap].")] = None,
     max_partitions: Annotated[int | None, typer.Option(help="Only the first N partitions (quick runs).")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cuda, cuda:N or cpu.")] = "auto",
     trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint files in full (they can run code): only for files you know are the authors'.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """LoRA-fine-tune a foundation model + linear head on every partition of the saved splits (GPU stage)."""
+    """LoRA-fine-tune a foundation model + head on every partition of the saved splits, per rank (GPU stage)."""
     from scdm_embed.cli_support import parse_options
 
     from ._finetune import run_lora
@@ -144,7 +150,9 @@ def lora(
     with _show_warnings():
         res = run_lora(store, model=model, checkpoint=checkpoint, input=_lora_inputs(input), model_options=opts,
                        scheme=scheme.value, by=by.value, folds=folds, group_key=group_key, seed=seed, epochs=epochs,
-                       lr=lr, batch_size=batch_size, token_budget=token_budget, max_partitions=max_partitions, device=device, out=out,
+                       lr=lr, batch_size=batch_size, token_budget=token_budget, rank=rank or 8, alpha=alpha,
+                       dropout=dropout, targets=targets, head=head.value, grad_accum=grad_accum,
+                       max_partitions=max_partitions, device=device, out=out,
                        progress=not quiet, trust_checkpoint=trust_checkpoint)
     console.print(rich_table(summarize(res)))
     info = res.attrs.get("lora", {})

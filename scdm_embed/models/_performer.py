@@ -234,7 +234,7 @@ class PerformerAdapter(Adapter):
     #: extra gene2vec rows after the genes (scBERT: 1 zero row; CellLM: CLS + PAD rows)
     n_extra_positions: ClassVar[int] = 1
     #: module-name suffixes of the projections (for LoRA ``target_modules``)
-    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out")
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v")  # the paper's (scBERT / CellLM)
     #: options every Performer adapter accepts (subclasses add theirs)
     options_spec: ClassVar[tuple[Option, ...]] = (
         Option("gene_list", Path, None, "the model's genes in model order (text/csv, or an h5ad whose var_names "

@@ -392,7 +392,7 @@ class CellPLMAdapter(Adapter):
     """
 
     name: ClassVar[str] = "cellplm"
-    lora_targets: ClassVar[tuple[str, ...]] = ("query_projection", "key_projection", "value_projection", "out_projection")
+    lora_targets: ClassVar[tuple[str, ...]] = ("query_projection", "key_projection", "value_projection")  # the paper's
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ("CellPLM (OmicsFormer, flowformer over cells): GMVAE latent mean; "
                                   "cells in a batch attend to each other")

@@ -73,7 +73,7 @@ class GeneformerAdapter(Adapter):
     """Geneformer V1/V2: rank value encoding -> BERT -> mean of one layer over gene tokens."""
 
     name: ClassVar[str] = "geneformer"
-    lora_targets: ClassVar[tuple[str, ...]] = ("query", "value")
+    lora_targets: ClassVar[tuple[str, ...]] = ("query", "key", "value")  # the paper's
     version: ClassVar[str] = "2"  # 2: genes and cell totals as the original tokenizer, by default
     description: ClassVar[str] = ("Geneformer (BERT on rank-value-encoded Ensembl genes; V1 gc30M / V2 gc95M), "
                                   "mean of the last layer over gene tokens")

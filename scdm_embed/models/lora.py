@@ -1,7 +1,11 @@
 """LoRA on an adapter's model (the paper's r 8, alpha 8, dropout 0.05), via peft.
 
-Each adapter names the modules LoRA wraps (``Adapter.lora_targets``: attention projections
-and feed-forward layers, all real module calls on the forward path). Hugging Face models
+Each adapter names the modules LoRA wraps by default (``Adapter.lora_targets``: the target
+modules of the scDrugMap paper: tGPT ``c_attn``; scBERT / CellLM ``to_q/to_k/to_v``; Geneformer
+``query/key/value``; scGPT / UCE ``out_proj``; CellPLM ``query/key/value_projection``;
+scFoundation its attention and feed-forward layers), all real module calls on the forward
+path (the attention of scGPT / UCE is written out, so ``out_proj`` is called as a module and
+gets a gradient, which stock ``nn.MultiheadAttention`` would not give it). Hugging Face models
 without explicit targets fall back to peft's per-architecture defaults.
 """
 
@@ -56,9 +60,15 @@ def apply_lora(
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise ScdmError(f"LoRA targets {missing} match no module of {adapter.name!r}", "check the adapter's lora_targets")
+        raise ScdmError(f"LoRA targets {missing} match no module of {adapter.name!r}",
+                        f"name modules of the model by their name suffix (default for {adapter.name}: "
+                        f"{' '.join(lora_targets(adapter))})")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
-    model = inject_adapter_in_model(cfg, model)
+    try:
+        model = inject_adapter_in_model(cfg, model)
+    except ValueError as err:  # peft: a target that is not a layer type it can wrap (e.g. a whole block)
+        raise ScdmError(f"LoRA cannot wrap the targets {list(targets)} of {adapter.name!r}: {err}",
+                        "name linear layers (e.g. attention projections), not whole blocks") from None
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     adapter.model = model

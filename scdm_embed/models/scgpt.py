@@ -259,7 +259,8 @@ class ScGPTAdapter(Adapter):
     """
 
     name: ClassVar[str] = "scgpt"
-    lora_targets: ClassVar[tuple[str, ...]] = ("self_attn.Wqkv", "self_attn.out_proj", "linear1", "linear2")
+    #: the paper's: ``out_proj``, a real ``nn.Linear`` call here (stock ``nn.MultiheadAttention`` would bypass it)
+    lora_targets: ClassVar[tuple[str, ...]] = ("self_attn.out_proj",)
     version: ClassVar[str] = "1"
     description: ClassVar[str] = "scGPT (whole-human) <cls> embedding, 51-bin values, 1,200 genes"
     checkpoint_layout: ClassVar[str | None] = "best_model.pt + vocab.json + args.json (official scGPT folder)"

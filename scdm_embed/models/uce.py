@@ -178,7 +178,8 @@ class UCEAdapter(Adapter):
     """
 
     name: ClassVar[str] = "uce"
-    lora_targets: ClassVar[tuple[str, ...]] = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    #: the paper's: ``out_proj``, a real ``nn.Linear`` call here (stock ``nn.MultiheadAttention`` would bypass it)
+    lora_targets: ClassVar[tuple[str, ...]] = ("self_attn.out_proj",)
     version: ClassVar[str] = "1"
     description: ClassVar[str] = "UCE (Universal Cell Embeddings): CLS output, L2-normalised"
     checkpoint_layout: ClassVar[str | None] = _LAYOUT

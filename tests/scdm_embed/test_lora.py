@@ -3,7 +3,10 @@
 LoRA (r 8, alpha 8, dropout 0.05, as the paper) is injected with peft into each adapter's model,
 built from the reference-fixture checkpoints (scBERT / CellLM: small official-layout checkpoints),
 and a backward pass from the pooled cell embeddings of real PC9 cells must reach the ``lora_B``
-weight of every wrapped module with a non-zero, finite gradient.
+weight of every wrapped module with a non-zero, finite gradient: the default targets (the
+paper's, scGPT / UCE ``out_proj`` included: stock ``nn.MultiheadAttention`` would read its
+weight directly and leave a LoRA there without gradient) and the wider sets of attention and
+feed-forward layers the adapters used to wrap.
 """
 
 from __future__ import annotations
@@ -23,6 +26,25 @@ from tests.scdm_embed.models._performer_ckpt import (
 from tests.scdm_embed.models._shared import load_adapter, make_chunk, read_cells
 
 MODELS = ("geneformer", "tgpt", "lm", "scgpt", "scfoundation", "uce", "cellplm", "scbert", "celllm")
+#: the paper's target modules (scFoundation: its code's; lm: peft's defaults for the architecture)
+PAPER_TARGETS = {
+    "tgpt": ("c_attn",),
+    "scbert": ("to_q", "to_k", "to_v"),
+    "celllm": ("to_q", "to_k", "to_v"),
+    "geneformer": ("query", "key", "value"),
+    "scgpt": ("self_attn.out_proj",),
+    "uce": ("self_attn.out_proj",),
+    "cellplm": ("query_projection", "key_projection", "value_projection"),
+    "scfoundation": ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"),
+}
+#: wider sets: every attention projection and feed-forward layer
+WIDE_TARGETS = {
+    "scgpt": ("self_attn.Wqkv", "self_attn.out_proj", "linear1", "linear2"),
+    "uce": ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"),
+    "cellplm": ("query_projection", "key_projection", "value_projection", "out_projection"),
+    "scbert": ("to_q", "to_k", "to_v", "to_out"),
+    "celllm": ("to_q", "to_k", "to_v", "to_out"),
+}
 
 
 def _checkpoint(model, fixtures_dir, vocab_dir, tmp_path):
@@ -43,20 +65,31 @@ def _checkpoint(model, fixtures_dir, vocab_dir, tmp_path):
     }[model]
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_every_lora_target_gets_a_gradient(model, fixtures_dir, vocab_dir, tmp_path):
+CASES = [(m, "default") for m in MODELS] + [(m, "wide") for m in WIDE_TARGETS]
+
+
+@pytest.mark.parametrize(("model", "which"), CASES)
+def test_every_lora_target_gets_a_gradient(model, which, fixtures_dir, vocab_dir, tmp_path):
     from scdm_embed.genes import GeneTable
 
     cells = read_cells(fixtures_dir / "tgpt" / "cells.h5ad", rows=[0, 1, 40], float32=True)
     genes = GeneTable.from_var(cells.var)
     ckpt, opts = _checkpoint(model, fixtures_dir, vocab_dir, tmp_path)
     a = load_adapter(model, ckpt, genes, **opts)
-    targets = lora_targets(a)
-    net = apply_lora(a, r=8, alpha=8, dropout=0.05)
+    if which == "default":
+        targets = lora_targets(a)
+        if model in PAPER_TARGETS:
+            assert targets == PAPER_TARGETS[model]
+        net = apply_lora(a, r=8, alpha=8, dropout=0.05)
+    else:
+        targets = WIDE_TARGETS[model]
+        net = apply_lora(a, r=8, alpha=8, dropout=0.05, targets=targets)
     wrapped = lora_modules(net)
     assert wrapped, "no module was wrapped"
     for name in wrapped:
         assert any(name == t or name.endswith("." + t) for t in targets)
+    for t in targets:  # every target wraps at least one module
+        assert any(name == t or name.endswith("." + t) for name in wrapped), t
     trainable = [n for n, p in net.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable), "only LoRA weights train"
 

@@ -81,7 +81,7 @@ def store_copy(lora_store, tmp_path):
 def test_rows_follow_the_saved_splits(lora_store):
     res = run_lora(lora_store, model="tgpt", **QUICK)
     assert list(res.columns) == list(RESULT_COLUMNS)
-    assert len(res) == 3 and set(res["classifier"]) == {"lora"} and set(res["model"]) == {"tgpt"}
+    assert len(res) == 3 and set(res["classifier"]) == {"lora-r8"} and set(res["model"]) == {"tgpt"}
     for m in ("f1", "auroc", "auprc", "accuracy", "recall"):
         assert np.isfinite(res[m]).all() and res[m].between(0, 1).all(), m
     assert res["precision"].notna().all() or res["reason"].str.contains("precision").any()
@@ -97,7 +97,9 @@ def test_rows_follow_the_saved_splits(lora_store):
         assert row.test_sensitive == int(splits.table["label"].to_numpy()[p.test].sum())
     assert sorted(np.concatenate([p.test for p in parts]).tolist()) == list(range(60))
     info = res.attrs["lora"]
-    assert info["r"] == 8 and info["alpha"] == 8 and info["dropout"] == 0.05 and info["settings_diff"] == {}
+    assert info["ranks"] == [8] and info["alpha"] == 8 and info["dropout"] == 0.05 and info["settings_diff"] == {}
+    assert info["targets"] == ["c_attn"] and info["head"] == "mlp" and info["head_layers"] == [64, 512, 512, 2]
+    assert info["grad_accum"] == 1 and info["seed"] == 0 and info["epochs"] == 2
     assert all(len(f["train_loss"]) == 2 and all(map(math.isfinite, f["train_loss"])) for f in info["fits"])
 
 
@@ -263,7 +265,7 @@ def test_one_summary_with_the_frozen_classifiers(lora_store):
     assert set(frozen["split"]) == set(tuned["split"])
     both = pd.concat([frozen, tuned], ignore_index=True)
     s = summarize(both)
-    assert set(s["classifier"]) == {"logreg", "lora"} and set(s["model"]) == {"tgpt"}
+    assert set(s["classifier"]) == {"logreg", "lora-r8"} and set(s["model"]) == {"tgpt"}
     assert (s["n_folds"] == 3).all() and (s["n_cells"] == 60).all()
     assert all(s[f"{m}_mean"].notna().all() for m in METRICS if m != "precision")
 
@@ -284,12 +286,102 @@ def test_cli(lora_store, tmp_path):
     from scdm_eval import compute_metrics
 
     pred, lres = pd.read_parquet(out / "lora_predictions.parquet"), pd.read_parquet(out / "lora_results.parquet")
-    assert set(pred["classifier"]) == {"lora"} and len(pred) == int(lres["n_test"].sum())
+    assert set(pred["classifier"]) == {"lora-r8"} and len(pred) == int(lres["n_test"].sum())
     for row in lres.itertuples(index=False):
         g = pred[(pred["fold"] == row.fold) & (pred["category"] == row.category)]
         assert compute_metrics(g["y_true"].to_numpy(), g["p_sensitive"].to_numpy())["auroc"] == row.auroc
     combined = (out / "combined_summary.md").read_text()
-    assert "logreg" in combined and "lora" in combined
+    assert "logreg" in combined and "lora-r8" in combined
     r = runner.invoke(app, ["lora", "--store", str(lora_store), "--model", "pca", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "error:" in r.output and "fix:" in r.output and "no neural network" in r.output
     assert "Traceback" not in r.output
+
+
+def test_rank_ablation_in_one_command(lora_store, tmp_path):
+    out = tmp_path / "abl"
+    r = runner.invoke(app, ["lora", "--store", str(lora_store), "--model", "tgpt", "--folds", "3", "--epochs", "1",
+                            "--max-partitions", "1", "--rank", "4", "--rank", "8", "--device", "cpu",
+                            "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    res = pd.read_parquet(out / "lora_results.parquet")
+    assert res["classifier"].tolist() == ["lora-r4", "lora-r8"]
+    # the same partition: same fold, same cells, same seed
+    for col in ("split", "category", "fold", "partition", "n_train", "n_test", "test_sensitive", "seed"):
+        assert res[col].nunique() == 1, col
+    pred = pd.read_parquet(out / "lora_predictions.parquet")
+    by = {c: g.sort_values("cell_id")["cell_id"].tolist() for c, g in pred.groupby("classifier")}
+    assert set(by) == {"lora-r4", "lora-r8"} and by["lora-r4"] == by["lora-r8"]
+    assert len(by["lora-r4"]) == int(res["n_test"].iloc[0])
+
+
+def test_rank_sets_the_adapter_shape(lora_store):
+    from scdm_embed.store import EmbeddingStore
+
+    st = EmbeddingStore(lora_store)
+    splits = make_splits(st, folds=3, seed=0)
+    ctx = _prepare_context(st, splits.table.index, model="tgpt", checkpoint=None, input=None, model_options=None,
+                           device=torch.device("cpu"))
+    part = next(iter(splits))
+    y = splits.table["label"].to_numpy().astype(np.int64)
+    kw = {"seed": 1, "epochs": 1, "lr": 1e-3, "batch_size": 16}
+    for r in (4, 16):
+        fit = _fit_partition(ctx, y, part.train, part.test, r=r, **kw)
+        shapes = {layer.lora_A["default"].weight.shape[0] for layer in lora_modules(fit.net).values()}
+        assert shapes == {r}
+
+
+def test_the_mlp_and_linear_heads(lora_store):
+    from scdm_embed.store import EmbeddingStore
+
+    st = EmbeddingStore(lora_store)
+    splits = make_splits(st, folds=3, seed=0)
+    ctx = _prepare_context(st, splits.table.index, model="tgpt", checkpoint=None, input=None, model_options=None,
+                           device=torch.device("cpu"))
+    part = next(iter(splits))
+    y = splits.table["label"].to_numpy().astype(np.int64)
+    kw = {"seed": 1, "epochs": 1, "lr": 1e-3, "batch_size": 16}
+    mlp = _fit_partition(ctx, y, part.train, part.test, head="mlp", **kw)
+    linears = [m for m in mlp.head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 512), (512, 512), (512, 2)]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in mlp.head.modules()) == 2
+    lin = _fit_partition(ctx, y, part.train, part.test, head="linear", **kw)
+    assert isinstance(lin.head, torch.nn.Linear) and (lin.head.in_features, lin.head.out_features) == (64, 2)
+    assert not np.allclose(mlp.proba, lin.proba)
+    res = run_lora(lora_store, model="tgpt", head="linear", max_partitions=1, **{**QUICK, "epochs": 1})
+    assert res.attrs["lora"]["head"] == "linear" and res.attrs["lora"]["head_layers"] == [64, 2]
+
+
+def test_options_are_recorded(lora_store):
+    res = run_lora(lora_store, model="tgpt", rank=[4], alpha=16, dropout=0.1, targets=["c_attn", "c_proj"],
+                   grad_accum=2, lr=5e-4, max_partitions=1, seed=3, folds=3, epochs=1, batch_size=8, device="cpu")
+    info = res.attrs["lora"]
+    assert (info["ranks"], info["alpha"], info["dropout"], info["targets"]) == ([4], 16, 0.1, ["c_attn", "c_proj"])
+    assert (info["grad_accum"], info["lr"], info["batch_size"], info["seed"]) == (2, 5e-4, 8, 3)
+    assert res["classifier"].tolist() == ["lora-r4"] and set(res["seed"]) == {3}
+    assert all(map(math.isfinite, info["fits"][0]["train_loss"]))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--rank", "8", "--rank", "-2"], "rank must be an integer >= 1"),
+    (["--dropout", "1.5"], "dropout must be a number in [0, 1)"),
+    (["--alpha", "0"], "alpha must be a positive number"),
+    (["--grad-accum", "0"], "grad_accum must be an integer >= 1"),
+    (["--targets", "no_such_layer"], "name no linear layer"),
+    (["--targets", "c_attn", "--targets", "h"], "name no linear layer"),
+])
+def test_bad_lora_options_exit_2(store_copy, args, message):
+    before = _tree_digest(store_copy)
+    r = runner.invoke(app, ["lora", "--store", str(store_copy), "--model", "tgpt", "--folds", "3", "--epochs", "1",
+                            "--device", "cpu", "--out", str(store_copy.parent / "o"), "-q", *args])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "error:" in r.output and "fix:" in r.output
+    assert message in r.output
+    assert _tree_digest(store_copy) == before, "a refused run changed the store"
+    assert not (store_copy.parent / "o").exists()
+
+
+def test_bad_head_exits_2(store_copy):
+    r = runner.invoke(app, ["lora", "--store", str(store_copy), "--model", "tgpt", "--head", "deep",
+                            "--out", str(store_copy.parent / "o")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "mlp" in r.output
