@@ -314,15 +314,19 @@ def test_rank_ablation_in_one_command(lora_store, tmp_path):
     assert len(by["lora-r4"]) == int(res["n_test"].iloc[0])
 
 
-def test_rank_sets_the_adapter_shape(lora_store):
+def _tgpt_context(lora_store):
+    """The tGPT LoRA context of the store, its labels and the first partition of a 3-fold split."""
     from scdm_embed.store import EmbeddingStore
 
     st = EmbeddingStore(lora_store)
     splits = make_splits(st, folds=3, seed=0)
     ctx = _prepare_context(st, splits.table.index, model="tgpt", checkpoint=None, input=None, model_options=None,
                            device=torch.device("cpu"))
-    part = next(iter(splits))
-    y = splits.table["label"].to_numpy().astype(np.int64)
+    return ctx, splits.table["label"].to_numpy().astype(np.int64), next(iter(splits))
+
+
+def test_rank_sets_the_adapter_shape(lora_store):
+    ctx, y, part = _tgpt_context(lora_store)
     kw = {"seed": 1, "epochs": 1, "lr": 1e-3, "batch_size": 16}
     for r in (4, 16):
         fit = _fit_partition(ctx, y, part.train, part.test, r=r, **kw)
@@ -331,14 +335,7 @@ def test_rank_sets_the_adapter_shape(lora_store):
 
 
 def test_the_mlp_and_linear_heads(lora_store):
-    from scdm_embed.store import EmbeddingStore
-
-    st = EmbeddingStore(lora_store)
-    splits = make_splits(st, folds=3, seed=0)
-    ctx = _prepare_context(st, splits.table.index, model="tgpt", checkpoint=None, input=None, model_options=None,
-                           device=torch.device("cpu"))
-    part = next(iter(splits))
-    y = splits.table["label"].to_numpy().astype(np.int64)
+    ctx, y, part = _tgpt_context(lora_store)
     kw = {"seed": 1, "epochs": 1, "lr": 1e-3, "batch_size": 16}
     mlp = _fit_partition(ctx, y, part.train, part.test, head="mlp", **kw)
     linears = [m for m in mlp.head.modules() if isinstance(m, torch.nn.Linear)]
