@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .errors import ScdmError
+from .errors import InputError, ScdmError
 from .genes import GeneTable
 from .models.base import Adapter, CellChunk
 
@@ -77,9 +77,12 @@ def plan_batches(lengths: np.ndarray, *, batch_size: int, token_budget: int | No
 
 
 def collate(cells: Cells, *, sequence_keys: Sequence[str], pad_values: dict[str, int | float],
-            device: torch.device, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+            device: torch.device, pad_to: int | None = None,
+            shared_keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Stack per-cell token dicts; pad sequence keys on the right; add ``attention_mask``.
 
+    ``shared_keys`` hold the same array for every cell of a batch (e.g. the gene plan's
+    vocabulary rows): passed once, not stacked; cells whose arrays differ are refused.
     ``pad_to`` pads every batch to a fixed width (the naive path benchmarks compare against).
     """
     out: dict[str, torch.Tensor] = {}
@@ -94,6 +97,11 @@ def collate(cells: Cells, *, sequence_keys: Sequence[str], pad_values: dict[str,
             for r, c in enumerate(cells):
                 v = c[key]
                 arr[r, : len(v)] = v
+        elif key in shared_keys:
+            if any(c[key] is not cells[0][key] and not np.array_equal(c[key], first) for c in cells[1:]):
+                raise InputError(f"the cells of one batch carry different {key!r} (they come from different "
+                                 "gene plans)", "embed the cells of one dataset (one prepare()) per batch")
+            arr = first
         else:
             arr = np.stack([np.asarray(c[key]) for c in cells])
         t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -147,7 +155,7 @@ class Runner:
     def collate(self, cells: Cells, *, pad_to: int | None = None) -> dict[str, torch.Tensor]:
         a = self.adapter
         return collate(cells, sequence_keys=a.sequence_keys, pad_values=dict(a.pad_values), device=self.device,
-                       pad_to=pad_to)
+                       pad_to=pad_to, shared_keys=a.shared_keys)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:

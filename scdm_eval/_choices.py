@@ -47,4 +47,4 @@ SCHEMES: tuple[str, ...] = tuple(s.value for s in Scheme)
 #: Values of ``by``: one pooled category, or one evaluation per value of a metadata column.
 BY_CHOICES: tuple[str, ...] = tuple(b.value for b in By)
 
-__all__ = ["BY_CHOICES", "SCHEMES", "By", "Protocol", "Scheme"]
+__all__ = ["BY_CHOICES", "SCHEMES", "By", "LoraHead", "Protocol", "Scheme"]

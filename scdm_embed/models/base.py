@@ -168,6 +168,9 @@ class Adapter(ABC):
     sequence_keys: ClassVar[tuple[str, ...]] = ()
     #: padding value per sequence key (default 0)
     pad_values: ClassVar[Mapping[str, int | float]] = {}
+    #: keys of per-cell token dicts that are the same array for every cell of a dataset (e.g.
+    #: the plan's vocabulary rows): the Runner passes them once per batch instead of stacking
+    shared_keys: ClassVar[tuple[str, ...]] = ()
     #: False when cells attend to each other (CellPLM): the engine then forms batches
     #: from consecutive cells in file order and never re-sorts them
     batch_invariant: ClassVar[bool] = True

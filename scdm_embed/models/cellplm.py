@@ -400,6 +400,8 @@ class CellPLMAdapter(Adapter):
     needs_counts: ClassVar[bool] = True
     sequence_keys: ClassVar[tuple[str, ...]] = ()
     pad_values: ClassVar[dict[str, int | float]] = {}
+    #: the plan's vocabulary rows, the same for every cell of a dataset: one (G,) array per batch
+    shared_keys: ClassVar[tuple[str, ...]] = ("gene_idx",)
     batch_invariant: ClassVar[bool] = False
     default_batch_size: ClassVar[int] = 50_000
     options_spec: ClassVar[tuple[Option, ...]] = (
@@ -486,11 +488,7 @@ class CellPLMAdapter(Adapter):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All cells of ``batch`` are embedded together (they attend to each other)."""
         self.require_loaded("forward")
-        rows = batch["gene_idx"]
-        if rows.shape[0] > 1 and not bool((rows == rows[:1]).all()):
-            raise InputError("cellplm: the cells of one batch come from different gene plans",
-                             "embed the cells of one dataset (one prepare()) per batch")
-        return self.model(batch["counts"], rows[0].long(), noise=batch.get("noise"),
+        return self.model(batch["counts"], batch["gene_idx"].long(), noise=batch.get("noise"),
                           cluster=batch.get("cluster"))
 
     def pool(self, output: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from scdm_embed import ScdmError
 from scdm_embed.models.lora import apply_lora, lora_modules, lora_targets
-from scdm_embed.runner import collate
+from scdm_embed.runner import Runner
 from tests.scdm_embed.models._performer_ckpt import (
     scgpt_symbols,
     write_celllm_checkpoint,
@@ -94,7 +94,7 @@ def test_every_lora_target_gets_a_gradient(model, which, fixtures_dir, vocab_dir
     assert trainable and all("lora_" in n for n in trainable), "only LoRA weights train"
 
     toks = a.tokenize(make_chunk(cells.X, genes, cells.obs_names), a.prepare(genes))
-    batch = collate(toks, sequence_keys=a.sequence_keys, pad_values=dict(a.pad_values), device=a.device)
+    batch = Runner(a).collate(toks)
     net.eval()
     with torch.enable_grad():
         emb = a.pool(a.forward(batch), batch)

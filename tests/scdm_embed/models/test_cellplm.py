@@ -16,7 +16,7 @@ from scdm_embed.errors import CheckpointError, ScdmError
 from scdm_embed.genes import GeneTable
 from scdm_embed.models import get_adapter
 from scdm_embed.models.cellplm import CellPLMAdapter
-from scdm_embed.runner import embed_cells, embed_matrix
+from scdm_embed.runner import Runner, embed_cells, embed_matrix
 
 from ._shared import exact_genes, load_adapter, make_chunk, read_cells
 
@@ -125,7 +125,7 @@ def test_reproduces_reference_embeddings(adapter: CellPLMAdapter, cells, genes, 
 def test_argmax_mode_matches_reference_where_the_draw_was_the_mode(fx, cells, genes):
     a = _loaded(fx, genes, cluster="argmax")
     toks = _tokens(a, cells, genes)
-    batch = {k: torch.from_numpy(np.stack([t[k] for t in toks])) for k in toks[0]}
+    batch = Runner(a).collate(toks)  # the one collation: gene_idx passed once per batch
     with torch.inference_mode():
         out = a.forward(batch)
     chosen = out["cluster"].numpy()
@@ -174,7 +174,7 @@ def test_settings_are_json(adapter):
 def test_gradients_reach_every_attention_projection(fx, cells, genes):
     a = _loaded(fx, genes)
     toks = _tokens(a, cells, genes)
-    batch = {k: torch.from_numpy(np.stack([t[k] for t in toks])) for k in toks[0]}
+    batch = Runner(a).collate(toks)  # the one collation: gene_idx passed once per batch
     emb = a.pool(a.forward(batch), batch)
     emb.pow(2).sum().backward()
     names = [n for n, _ in a.model.named_modules() if n.endswith("_projection")]
