@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ._core import (
     DEFAULT_STORE,
-    EMBEDDING_CODEC,
+    EMBEDDING_CODECS,
     EmbeddingInfo,
     EmbeddingStore,
     cells_hash,
@@ -32,7 +32,7 @@ from .schema import (
     Telemetry,
 )
 
-__all__ = ["DEFAULT_STORE", "EMBEDDING_CODEC", "FORMAT_VERSION", "VERSIONS", "DatasetRecord", "EmbeddingInfo",
+__all__ = ["DEFAULT_STORE", "EMBEDDING_CODECS", "FORMAT_VERSION", "VERSIONS", "DatasetRecord", "EmbeddingInfo",
            "EmbeddingRecord", "EmbeddingStore", "Migration", "Provenance", "SplitRecord", "StoreRecord", "Telemetry",
            "cells_hash", "check_name", "check_store_path", "is_write_failure", "migrate_store", "store_lock",
            "store_os_error", "store_writable"]

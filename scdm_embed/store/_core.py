@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import zarr
 from zarr.buffer.cpu import NDBuffer
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 
 try:
     import fcntl
@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - not POSIX: no metadata lock
 
 from .._version import __version__
 from ..errors import StaleCacheError, StoreError
+from ._chunks import read_rows
 from .schema import (
     FORMAT_VERSION,
     TOP_GROUPS,
@@ -50,14 +51,13 @@ from .schema import (
     stamp,
 )
 
-#: Blosc-LZ4 + byte shuffle: float32 embeddings barely compress (~6% saved), and on an idle
-#: machine it reads as fast as no compressor at 1,024-row chunks (bench/bench_store_read.py:
-#: whole 0.65 vs 0.56 GB/s, category slice 0.64 vs 0.50 GB/s; an earlier run under load had
-#: uncompressed ahead), so the format keeps it. Codecs are per-array Zarr metadata: arrays
-#: written with any codec read as they are.
-EMBEDDING_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-#: then a CRC-32C of every chunk: a damaged chunk is caught on read
-EMBEDDING_CODECS = (EMBEDDING_CODEC, Crc32cCodec())
+#: No compressor: float32 embeddings barely compress (Blosc-LZ4 + shuffle saves ~6%), and with the
+#: direct chunk reader (store/_chunks.py) uncompressed 1,024-row chunks read fastest
+#: (bench/bench_store_read.py --quick, loaded machine: category slice 0.91 vs 0.77 GB/s with LZ4,
+#: 1.46x the whole-.npy-and-select path). Codecs are per-array Zarr metadata: arrays written with
+#: any codec (LZ4 arrays of earlier versions included) read as they are.
+#: a CRC-32C of every chunk: a damaged chunk is caught on read
+EMBEDDING_CODECS = (Crc32cCodec(),)
 #: one-byte done flags do not compress; the checksum still guards them
 DONE_CODECS = (Crc32cCodec(),)
 DEFAULT_STORE = Path("store") / "scdm.zarr"
@@ -590,6 +590,8 @@ def _read_into(x, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:
     zarr decodes the chunks straight into that block of ``out`` (no intermediate array, no
     gather copy); rows in any other order are read once, sorted, then scattered.
     """
+    if read_rows(x, rows, out, where):  # the store's own layout on a local disk: read the chunk files directly
+        return
     a, b = int(where[0]), int(where[-1]) + 1
     if b - a == len(where) and x.dtype == out.dtype:
         block = NDBuffer.from_numpy_array(out[a:b])

@@ -1,0 +1,106 @@
+"""A fast reader for the store's own row-chunk layout on a local disk.
+
+Zarr v3's generic pipeline spends most of a read in per-chunk machinery (asyncio tasks, buffer
+objects, copies): on float32 embeddings it decodes ~0.5 GB/s while reading the file, checking its
+CRC-32C and un-shuffling Blosc-LZ4 each run at 5-15 GB/s. For the layout scdm writes (a 2-D
+little-endian array chunked by rows only, ``bytes`` -> optional ``blosc`` -> ``crc32c``, default
+chunk keys, no sharding, on a local file system) this module reads the chunk files itself, straight
+into the caller's output, and checks every checksum exactly as Zarr does. Any other layout (another
+codec, a remote store, a sharded array) returns ``False`` and the caller uses Zarr. The on-disk
+format is unchanged: these are ordinary Zarr v3 arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+from numcodecs import blosc
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.storage import LocalStore
+
+__all__ = ["read_rows"]
+
+
+def _layout(x: Any) -> tuple[Path, int, bool, bool] | None:
+    """(array folder, chunk rows, blosc?, crc32c?) when ``x`` has the plain row-chunk layout, else None."""
+    meta = x.metadata
+    if getattr(meta, "zarr_format", None) != 3 or len(x.shape) != 2 or not isinstance(x.store, LocalStore):
+        return None
+    if x.dtype != np.float32 or tuple(x.chunks)[1] != x.shape[1]:
+        return None
+    enc = meta.chunk_key_encoding
+    if getattr(enc, "name", None) != "default" or getattr(enc, "separator", None) != "/":
+        return None
+    codecs: Sequence[Any] = meta.codecs
+    if not codecs or not isinstance(codecs[0], BytesCodec) or str(getattr(codecs[0].endian, "value", codecs[0].endian)) != "little":
+        return None
+    rest = list(codecs[1:])
+    use_blosc = bool(rest) and isinstance(rest[0], BloscCodec)
+    if use_blosc:
+        rest.pop(0)
+    use_crc = bool(rest) and isinstance(rest[0], Crc32cCodec)
+    if use_crc:
+        rest.pop(0)
+    if rest or getattr(meta, "storage_transformers", ()):
+        return None
+    return Path(x.store.root) / x.path, int(x.chunks[0]), use_blosc, use_crc
+
+
+def _chunk(folder: Path, c: int, use_blosc: bool, use_crc: bool, fill: float, out: np.ndarray) -> None:
+    """Decode chunk ``c`` into ``out`` (C-contiguous, the full chunk shape: Zarr pads edge chunks)."""
+    f = folder / "c" / str(c) / "0"
+    try:
+        raw = f.read_bytes()
+    except FileNotFoundError:  # never written: Zarr's fill value
+        out[...] = fill
+        return
+    n = out.nbytes
+    if use_crc:
+        if len(raw) < 4:
+            raise ValueError(f"chunk {c} of {folder} is truncated")
+        body = np.frombuffer(raw, dtype=np.uint8)[:-4]  # read-only, no copy
+        if np.uint32(google_crc32c.value(body)).tobytes() != raw[-4:]:
+            raise ValueError(f"chunk {c} of {folder}: stored and computed checksum do not match")
+    else:
+        body = np.frombuffer(raw, dtype=np.uint8)
+    if use_blosc:
+        blosc.decompress(body, out.reshape(-1).view(np.uint8))
+    else:
+        if len(body) != n:
+            raise ValueError(f"chunk {c} of {folder} holds {len(body)} bytes, expected {n}")
+        out.reshape(-1).view(np.uint8)[:] = body
+
+
+def read_rows(x: Any, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> bool:
+    """Write rows ``rows`` of array ``x`` into ``out[where]``; False (nothing read) if the layout is not ours.
+
+    A chunk whose selected rows fill a contiguous run of ``out`` is decoded in place; otherwise it
+    is decoded once into a scratch buffer and its rows gathered. Raises ``ValueError`` on a damaged chunk.
+    """
+    lay = _layout(x)
+    if lay is None or out.dtype != np.float32 or not out.flags.c_contiguous:
+        return False
+    folder, chunk_rows, use_blosc, use_crc = lay
+    n, dim = x.shape
+    fill = float(x.metadata.fill_value)
+    order = np.argsort(rows, kind="stable")
+    srows, swhere = rows[order], where[order]
+    cid = srows // chunk_rows
+    bounds = np.flatnonzero(np.diff(cid)) + 1
+    scratch = np.empty((chunk_rows, dim), np.float32)
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(srows)], strict=True):
+        c = int(cid[lo])
+        start = c * chunk_rows
+        n_rows = min(chunk_rows, n - start)
+        r, w = srows[lo:hi] - start, swhere[lo:hi]
+        whole = n_rows == chunk_rows and hi - lo == n_rows and w[-1] - w[0] == n_rows - 1
+        if whole and np.all(np.diff(w) == 1) and np.all(np.diff(r) == 1):
+            _chunk(folder, c, use_blosc, use_crc, fill, out[w[0]: w[0] + n_rows])
+        else:  # a partial selection, or the padded edge chunk: decode, then gather
+            _chunk(folder, c, use_blosc, use_crc, fill, scratch)
+            out[w] = scratch[r]
+    return True
