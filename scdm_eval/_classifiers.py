@@ -394,9 +394,21 @@ class LogisticClassifier(_Settings):
         from sklearn.preprocessing import StandardScaler
 
         X, y, rows = _check_xy(X, y, rows)
-        self.model_ = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=self.max_iter,
-                                                                         random_state=self.seed))
-        self.model_.fit(_gather(X, rows), y)
+        # one copy of the training rows, standardised in place with float64-accumulated moments
+        # (StandardScaler.fit and a pipeline's fit would each add temporaries of that size);
+        # lbfgs then works on the float32 copy itself
+        mean, scale = _moments(X, rows)
+        Xt = _gather(X, rows)
+        if np.shares_memory(Xt, X):  # every row: still copy, the caller's X stays as it is
+            Xt = np.array(Xt, dtype=np.float32)
+        Xt -= mean
+        Xt /= scale
+        lr = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed).fit(Xt, y)
+        del Xt
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_, scaler.var_ = mean, scale, scale.astype(np.float64) ** 2
+        scaler.n_samples_seen_, scaler.n_features_in_ = len(rows), X.shape[1]
+        self.model_ = make_pipeline(scaler, lr)
         return self
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
