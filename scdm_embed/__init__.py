@@ -36,6 +36,11 @@ _LAZY = {
     "get_adapter": ".models",
     "register_adapter": ".models",
     "datasets": ".datasets",
+    "to_anndata": "._export",
+    "export_anndata": "._export",
+    "import_embeddings": "._import",
+    "checkpoint_entry": "._download",
+    "download_checkpoint": "._download",
 }
 
 

@@ -22,6 +22,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import store as stores
+from ._shard import Shard, as_shard
 from ._version import __version__
 from .errors import InputError, ScdmError, StaleCacheError, StoreError
 from .genes import DEFAULT_MIN_OVERLAP
@@ -30,6 +31,7 @@ from .models import get_adapter
 from .models.base import Adapter, CellChunk, GeneOverlap
 from .runner import Runner, resolve_device, resolve_dtype
 from .store import DEFAULT_STORE, EmbeddingStore, Provenance, Telemetry
+from .store._core import store_location
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ class ExtractionResult:
     seconds: float
     cells_per_s: float
     overlap: dict[str, Any]
+    #: whether the array is complete after this run (False: a shard finished, others are still to come)
+    complete: bool = True
+    #: the shard this run computed ("i/n"), or None for the whole input
+    shard: str | None = None
 
 
 def _peak_rss_mb() -> float:
@@ -86,6 +92,8 @@ def extract(
     model_options: Mapping[str, Any] | None = None,
     trust_checkpoint: bool = False,
     allow_single_class: bool = False,
+    shard: Shard | tuple[int, int] | str | None = None,
+    qc: str | None = None,
 ) -> ExtractionResult:
     """Compute ``model``'s embeddings of every cell of ``input`` into ``store`` (once).
 
@@ -97,7 +105,20 @@ def extract(
     (torch files with ``weights_only=True``) unless ``trust_checkpoint`` (full unpickling:
     only for a file known to be the authors'). A dataset whose cells are all one class is
     refused unless ``allow_single_class`` (it will be pooled with datasets of the other class).
+
+    ``shard=(i, n)`` (or ``"i/n"``) computes only the chunks ``c`` with ``c % n == i``, into the
+    same store as the other shards, concurrently (see :mod:`scdm_embed._shard`); the shard that
+    finds every chunk done marks the array complete. With a shard, ``overwrite`` replaces an array
+    or dataset of another input or settings but resumes one of the same (shards never delete each
+    other's chunks).
     """
+    shard = as_shard(shard)
+    where = store_location(store)
+    if isinstance(where, str):
+        raise StoreError(f"extraction writes a local store (it locks and renames files); {where!r} is a URL",
+                         "extract into a local path (or a mounted bucket), then copy the store up, e.g. "
+                         "`aws s3 sync STORE s3://BUCKET/STORE` or `gsutil -m rsync -r STORE gs://BUCKET/STORE`")
+    store = where  # a file:// URL is a local path
     if store_dtype not in STORE_DTYPES:
         raise ScdmError(f"unknown store dtype {store_dtype!r}", f"use one of: {', '.join(STORE_DTYPES)}")
     # the store path and dataset name are checked before the (possibly long) input read
@@ -109,6 +130,13 @@ def extract(
     if trust_checkpoint:
         log.warning("--trust-checkpoint: the %s checkpoint files are unpickled in full; any code in them runs", model)
     adapter = get_adapter(model)(checkpoint, trust_checkpoint=trust_checkpoint, **dict(model_options or {}))
+    qc_report = None
+    if qc is not None and not isinstance(input, InputDataset):  # --qc paper: QC'd cells, recorded (see .qc)
+        from .qc import qc_input
+
+        input, qc_report = qc_input(input, preset=qc, labels=labels, meta_keys=meta_keys, gene_key=gene_key, layer=layer,
+                                    require_counts=adapter.needs_counts, allow_single_class=allow_single_class,
+                                    allow_duplicate_genes=adapter.allows_duplicate_genes)
     data = input if isinstance(input, InputDataset) else read_input(
         input, labels=labels, meta_keys=meta_keys, gene_key=gene_key, layer=layer, require_counts=adapter.needs_counts,
         allow_duplicate_genes=adapter.allows_duplicate_genes, allow_single_class=allow_single_class)
@@ -119,16 +147,16 @@ def extract(
         return _run_extraction(data, adapter, model=model, store=store, dataset=dataset, batch_size=batch_size,
                         token_budget=token_budget, chunk_size=chunk_size, device=device, dtype=dtype,
                         store_dtype=store_dtype, min_overlap=min_overlap, reference=reference, overwrite=overwrite,
-                        progress=progress)
+                        progress=progress, shard=shard, qc=None if qc_report is None else qc_report.to_dict())
     finally:
-        if data is not input:  # we opened it
+        if data is not input or qc_report is not None:  # we opened it
             data.close()
 
 
 def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: str | Path, dataset: str | None,
              batch_size: int | None, token_budget: int | None, chunk_size: int, device: str, dtype: str,
              store_dtype: str, min_overlap: float, reference: str | Path | None, overwrite: bool,
-             progress: bool) -> ExtractionResult:
+             progress: bool, shard: Shard | None = None, qc: dict[str, Any] | None = None) -> ExtractionResult:
     """Load the model, decide and write the metadata under the store's lock, then embed the
     chunks still to do (rolling back what this run created when it fails on bad input)."""
     name = dataset or data.path.stem
@@ -166,9 +194,14 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
         if not adapter.batch_invariant:
             # cells attend to each other: the batch (capped by the chunk) is part of what an embedding means
             provenance["cell_context"] = min(bs, chunk_size)
-        status, todo, new_cells = _plan(st_ro, name, model, provenance, overwrite, data)
+        if qc is not None:  # the QC settings the cells passed (--qc); the per-sample table is the dataset's
+            provenance["qc"] = qc["settings"]
+        status, todo, new_cells = _plan(st_ro, name, model, provenance, overwrite, data, sharded=shard is not None)
         if status == "up-to-date":
-            return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"), overlap.to_dict())
+            return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"),
+                                    overlap.to_dict(), shard=_label(shard))
+        if shard is not None:
+            todo = shard.chunks(todo)
         if not lock.writable:
             raise StoreError(f"the store {str(store_path)!r} is not writable, and {model}/{name} needs "
                              f"{'its cell table updated' if status == 'metadata-updated' else 'to be computed'}",
@@ -181,7 +214,8 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
                 st.put_reference(adapter.reference_name, new_reference[0], **new_reference[1])
             if new_cells:
                 st.put_dataset(name, data.cells, input_hash=data.content_hash, source=str(data.path), n_genes=data.n_genes,
-                               label_convention="label 1 = sensitive (positive class), 0 = resistant")
+                               label_convention="label 1 = sensitive (positive class), 0 = resistant",
+                               **({"qc": qc} if qc is not None else {}))
             if status == "written":
                 st.create_embedding(model, name, n_cells=data.n_cells, dim=adapter.dim, dtype=store_dtype, **provenance)
         except BaseException as e:
@@ -191,7 +225,8 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
             raise
         lock.keep()
     if status in ("up-to-date", "metadata-updated"):
-        return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"), overlap.to_dict())
+        return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, 0, 0.0, float("nan"),
+                                overlap.to_dict(), shard=_label(shard))
 
     t0 = time.perf_counter()
     if dev.type == "cuda":
@@ -218,7 +253,10 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
                               peak_gpu_mb=round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
                               if dev.type == "cuda" else None)
         with stores.store_lock(store_path):
-            st.finish_embedding(model, name, telemetry=telemetry)
+            # a shard completes the array only when every shard's chunks are done
+            complete = shard is None or bool(st.done_flags(model, name).all())
+            if complete:
+                st.finish_embedding(model, name, telemetry=telemetry)
     except BaseException as e:
         # bad input discovered while tokenizing, or a full / read-only disk: undo what this run
         # created (resumed runs keep their earlier chunks); interruptions and crashes keep their
@@ -226,12 +264,26 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
         full = stores.is_write_failure(e)
         if isinstance(e, ScdmError) or full:
             with stores.store_lock(store_path):
+                if shard is not None and _any_done(store_path, model, name):
+                    created = set()  # other shards wrote into it: keep their chunks
                 _remove_created(store_path, created, model=model, dataset=name, reference=ref_name)
         if full:
             raise stores.store_os_error(e, store_path) from None
         raise
     return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, len(todo), seconds,
-                            telemetry.cells_per_s, overlap.to_dict())
+                            telemetry.cells_per_s, overlap.to_dict(), complete=complete, shard=_label(shard))
+
+
+def _label(shard: Shard | None) -> str | None:
+    return None if shard is None else str(shard)
+
+
+def _any_done(store_path: Path, model: str, dataset: str) -> bool:
+    """Whether any chunk of the array is flagged done (False when it cannot be read)."""
+    try:
+        return bool(EmbeddingStore(store_path, mode="r").done_flags(model, dataset).any())
+    except (ScdmError, OSError, KeyError):
+        return False
 
 
 def _created(store_path: Path, st_ro: EmbeddingStore | None, name: str, model: str, reference: str | None,
@@ -302,7 +354,7 @@ def _provenance(adapter: Adapter, model: str, data: InputDataset, overlap: GeneO
     ).to_attrs()
 
 
-_IDENTITY_KEYS = ("model_version", "checkpoint_hash", "settings", "input_hash", "chunk_rows", "cell_context")
+_IDENTITY_KEYS = ("model_version", "checkpoint_hash", "settings", "input_hash", "chunk_rows", "cell_context", "qc")
 
 
 def _check_dataset(st_ro: EmbeddingStore | None, name: str, data: InputDataset, overwrite: bool) -> None:
@@ -315,11 +367,12 @@ def _check_dataset(st_ro: EmbeddingStore | None, name: str, data: InputDataset, 
 
 
 def _plan(st_ro: EmbeddingStore | None, name: str, model: str, prov: dict[str, Any], overwrite: bool,
-          data: InputDataset) -> tuple[str, list[int], bool]:
+          data: InputDataset, *, sharded: bool = False) -> tuple[str, list[int], bool]:
     """Decide without writing: (status, chunks to compute, whether the cell table must be (re)written).
 
     status: "written" (fresh or ``overwrite``), "resumed", "metadata-updated" (embeddings current,
-    the cell table changed: labels, study, ...) or "up-to-date".
+    the cell table changed: labels, study, ...) or "up-to-date". ``sharded``: ``overwrite``
+    replaces only an array of other settings (one of the same is another shard's: resumed).
     """
     held_ds = st_ro.dataset_attrs(name) if st_ro is not None and name in st_ro.datasets() else None
     new_cells = (held_ds is None or held_ds.get("input_hash") != data.content_hash
@@ -333,7 +386,7 @@ def _plan(st_ro: EmbeddingStore | None, name: str, model: str, prov: dict[str, A
             raise StaleCacheError(
                 f"the store holds {model}/{name} computed with a different {', '.join(diff)}",
                 "pass --overwrite to recompute it, or --dataset NEW_NAME to keep both")
-        if not diff and not overwrite:
+        if not diff and (not overwrite or sharded):
             done = st_ro.done_flags(model, name)
             if held.get("complete") and done.all():
                 return ("metadata-updated" if new_cells else "up-to-date"), [], new_cells

@@ -10,10 +10,12 @@ from enum import Enum
 
 
 class Scheme(str, Enum):
-    """``pooled``: k-fold inside each category; ``cross``: leave one study out."""
+    """``pooled``: k-fold inside each category; ``cross``: leave one study out; ``transfer``: fit on
+    the ``--train`` cells, predict each ``--test`` dataset."""
 
     pooled = "pooled"
     cross = "cross"
+    transfer = "transfer"
 
 
 class By(str, Enum):
@@ -36,6 +38,13 @@ class Protocol(str, Enum):
     scdrugmap = "scdrugmap"
 
 
+class Correction(str, Enum):
+    """Batch correction of the embeddings before classification (``harmony``: harmonypy, transductive)."""
+
+    none = "none"
+    harmony = "harmony"
+
+
 class LoraHead(str, Enum):
     """The LoRA stage's head: ``mlp`` (the paper's d-512-512-2) or ``linear`` (d-2)."""
 
@@ -43,8 +52,24 @@ class LoraHead(str, Enum):
     linear = "linear"
 
 
+class Structured(str, Enum):
+    """The LLM stage's structured output: ``auto`` probes ``json_schema``, ``json_object``, then ``text``."""
+
+    auto = "auto"
+    json_schema = "json_schema"
+    json_object = "json_object"
+    text = "text"
+
+
+class Unparsed(str, Enum):
+    """How the LLM stage scores an unparsed answer: ``wrong`` (worst case) or ``neutral`` (P = 0.5)."""
+
+    wrong = "wrong"
+    neutral = "neutral"
+
+
 SCHEMES: tuple[str, ...] = tuple(s.value for s in Scheme)
 #: Values of ``by``: one pooled category, or one evaluation per value of a metadata column.
 BY_CHOICES: tuple[str, ...] = tuple(b.value for b in By)
 
-__all__ = ["BY_CHOICES", "SCHEMES", "By", "LoraHead", "Protocol", "Scheme"]
+__all__ = ["BY_CHOICES", "SCHEMES", "By", "Correction", "LoraHead", "Protocol", "Scheme", "Structured", "Unparsed"]

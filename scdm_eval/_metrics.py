@@ -13,11 +13,32 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 #: Metric names, in report order.
-METRICS: tuple[str, ...] = ("f1", "auroc", "auprc", "accuracy", "precision", "recall")
+METRICS: tuple[str, ...] = ("f1", "auroc", "auprc", "accuracy", "precision", "recall", "brier", "ece")
+#: Metrics where lower is better (calibration errors); every other metric is higher-is-better.
+LOWER_IS_BETTER: frozenset[str] = frozenset({"brier", "ece"})
+#: Equal-width P(sensitive) bins of the expected calibration error.
+ECE_BINS = 10
+
+
+def calibration(y_true: np.ndarray, proba: np.ndarray, *, bins: int = ECE_BINS) -> tuple[float, float]:
+    """Brier score (mean squared error of P(sensitive)) and expected calibration error.
+
+    ECE: ``bins`` equal-width bins over [0, 1]; the cell-weighted mean over bins of
+    |observed sensitive fraction - mean P(sensitive)|. Both are NaN on an empty set.
+    """
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(proba, dtype=np.float64).ravel()
+    if y.size == 0:
+        return math.nan, math.nan
+    brier = float(np.mean((p - y) ** 2))
+    idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    n = np.bincount(idx, minlength=bins)
+    gap = np.abs(np.bincount(idx, weights=y, minlength=bins) - np.bincount(idx, weights=p, minlength=bins))
+    return brier, float(gap.sum() / y.size) if n.sum() else math.nan
 
 
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, threshold: float = 0.5) -> dict[str, float | str]:
-    """F1, AUROC, AUPRC, accuracy, precision and recall of one test fold.
+    """F1, AUROC, AUPRC, accuracy, precision, recall, Brier score and ECE of one test fold.
 
     ``proba`` is P(sensitive); predictions are ``proba >= threshold``. Returns the metrics
     plus ``reason``: ``""`` when all are defined, else ``"metric, metric: why; ..."``.
@@ -54,6 +75,7 @@ def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, threshold: float =
     out["recall"] = tp / (tp + fn) if tp + fn else why("recall", "no sensitive cell in the test set")
     denom = 2 * tp + fp + fn
     out["f1"] = 2 * tp / denom if denom else why("f1", "no sensitive cell in the test set and none predicted")
+    out["brier"], out["ece"] = calibration(y, p)
     result: dict[str, float | str] = {m: float(out[m]) for m in METRICS}
     result["reason"] = "; ".join(f"{', '.join(ms)}: {text}" for text, ms in reasons.items())
     return result

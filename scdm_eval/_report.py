@@ -14,7 +14,7 @@ from ._metrics import METRICS, mean_ci
 
 _KEYS = ["model", "scheme", "by", "category", "classifier"]
 _LABELS = {"f1": "F1", "auroc": "AUROC", "auprc": "AUPRC", "accuracy": "Accuracy", "precision": "Precision",
-           "recall": "Recall"}
+           "recall": "Recall", "brier": "Brier", "ece": "ECE"}
 LEAK_NOTE = ("rows marked leak_prone use cell-level folds on cells whose labels are constant within a sample "
              "(or another metadata column): cells of one sample sit in training and test, so the scores can reflect "
              "recognising the sample rather than drug response and are optimistic. Honest alternatives: the default "
@@ -34,7 +34,8 @@ def summarize(results: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
         row["n_cells"] = int(g["n_test"].sum())
         row["leak_prone"] = bool(g["leak_prone"].any()) if "leak_prone" in g else False
         for m in METRICS:
-            mean, sd, lo, hi, n = mean_ci(g[m].to_numpy(), level=level)
+            # a table written before a metric existed (brier, ece) summarises it as NaN
+            mean, sd, lo, hi, n = mean_ci(g[m].to_numpy() if m in g else np.empty(0), level=level)
             lo, hi = (max(lo, 0.0), min(hi, 1.0)) if n > 1 else (lo, hi)  # every metric lives in [0, 1]
             row.update({f"{m}_mean": mean, f"{m}_sd": sd, f"{m}_ci_low": lo, f"{m}_ci_high": hi, f"{m}_n": n})
         rows.append(row)

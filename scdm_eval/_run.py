@@ -33,7 +33,7 @@ from ._splits import (
 RESULT_COLUMNS: tuple[str, ...] = (
     "model", "scheme", "by", "category", "fold", "partition", "classifier",
     "n_train", "n_test", "train_sensitive", "train_resistant", "test_sensitive", "test_resistant",
-    *METRICS, "reason", "split", "seed", "leak_prone",
+    *METRICS, "reason", "split", "seed", "leak_prone", "correction", "transductive",
 )
 #: Columns of ``predictions.parquet``: one row per test cell x model x partition x classifier.
 PREDICTION_COLUMNS: tuple[str, ...] = (
@@ -107,7 +107,7 @@ def _task_seed(seed: int, category: str, fold: int) -> int:
 
 
 def _row(model: str, splits: Splits, part: Partition, classifier: str, metrics: Mapping[str, Any],
-         y: np.ndarray, seed: int) -> dict[str, Any]:
+         y: np.ndarray, seed: int, correction: str = "none") -> dict[str, Any]:
     ytr, yte = y[part.train], y[part.test]
     p = splits.params
     return {"model": model, "scheme": p["scheme"], "by": p["by"], "category": part.category, "fold": part.fold,
@@ -115,7 +115,8 @@ def _row(model: str, splits: Splits, part: Partition, classifier: str, metrics: 
             "train_sensitive": int((ytr == 1).sum()), "train_resistant": int((ytr == 0).sum()),
             "test_sensitive": int((yte == 1).sum()), "test_resistant": int((yte == 0).sum()),
             **{m: metrics[m] for m in METRICS}, "reason": metrics["reason"], "split": splits.name, "seed": seed,
-            "leak_prone": bool(p.get("leak_prone", False))}
+            "leak_prone": bool(p.get("leak_prone", False)),
+            "correction": correction, "transductive": correction != "none"}  # the test cells' embeddings shaped it
 
 
 def predictions_table(cells: pd.DataFrame, splits: Splits,
@@ -198,7 +199,7 @@ def run_evaluation(
     store: str | Path | EmbeddingStore,
     *,
     models: Sequence[str] | None = None,
-    scheme: Literal["pooled", "cross"] = "pooled",
+    scheme: Literal["pooled", "cross", "transfer"] = "pooled",
     by: str = "all",
     classifiers: Sequence[str] = ("mlp", "xgboost", "logreg"),
     folds: int = 10,
@@ -211,8 +212,26 @@ def run_evaluation(
     strict: bool = False,
     progress: bool = False,
     protocol: str = "scdm",
+    train: Sequence[str] | None = None,
+    test: Sequence[str] | None = None,
+    correct: str = "none",
+    batch_key: str = "study",
+    permutations: int = 0,
+    scheduler: str | None = None,
+    dask_workers: int | None = None,
 ) -> pd.DataFrame:
     """Evaluate classifiers on cached embeddings under honest splits.
+
+    ``scheme="transfer"``: fit on the ``train`` cells (dataset names or ``COLUMN=VALUE``) per
+    category, predict each ``test`` dataset (one row each). ``correct="harmony"``: every model
+    is scored as extracted and Harmony-corrected on ``batch_key`` (rows ``<model>+harmony``,
+    ``correction`` / ``transductive`` columns; see :mod:`._correct`). ``permutations=N``: a
+    label-permutation null on the same folds (``.attrs["permutation"]``; :mod:`._stats`).
+    ``scheduler="tcp://HOST:8786"`` (or ``dask_workers=N``, a local cluster): the fits run as
+    ``dask.distributed`` tasks, each reading its partition's rows from the store (a path every
+    worker reaches); the results equal the in-process run's (:mod:`._distributed`).
+    With ``out``, paired tests between models and classifiers go to ``stats.parquet``/``.csv``
+    and a section of ``summary.md``.
 
     The splits (see :func:`make_splits`) are made once per store and reused; for every
     ``models`` x partition x ``classifiers`` a classifier is fitted on the partition's
@@ -254,6 +273,11 @@ def run_evaluation(
     if not dsets:
         raise StoreError(f"the store {str(st.path)!r} holds no datasets", "run `scdm-embed extract` into it first")
     models = _check_models(st, models, dsets)
+    from ._correct import check_correction
+
+    check_correction(correct, batch_key, st.cells(dsets).columns)
+    if not isinstance(permutations, (int, np.integer)) or isinstance(permutations, bool) or permutations < 0:
+        raise ScdmError(f"permutations must be an integer >= 0 (got {permutations!r})", "use e.g. --permutations 100")
     if out is not None:
         _check_out(out)
 
@@ -262,20 +286,33 @@ def run_evaluation(
         warnings.simplefilter("always", SplitWarning)
         # a new split is saved only once the run succeeded: a failed run leaves the store as it was
         splits = make_splits(st, save=False, scheme=scheme, by=by, folds=folds, group_key=group_key, seed=seed,
-                                               datasets=datasets, strict=strict)
+                                               datasets=datasets, strict=strict, train=train, test=test)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [str(w.message) for w in caught if issubclass(w.category, (LeakageWarning, SplitWarning))]
 
     y = splits.table["label"].to_numpy().astype(np.int64)
     parts = list(splits)
-    n_tasks = len(models) * len(parts) * len(classifiers)
+    variants = [(m, fix) for m in models for fix in dict.fromkeys(("none", correct))]  # as extracted, corrected
+    n_tasks = len(variants) * len(parts) * len(classifiers)
     workers, threads = plan_workers(int(n_jobs), n_tasks)
+    n_tasks *= 1 + permutations
     gkey = splits.params.get("group_key")
     groups = (st.cells(dsets)[gkey].reindex(splits.table.index).astype(str).to_numpy(dtype=object)
               if gkey else None)  # early-stopping splits of a grouped fold are grouped too
     rows, metrics = [], []
+    fixes: dict[str, str] = {}  # row model name -> correction
+    null: list[dict[str, Any]] = []  # label-permutation fits
+    batch = st.cells(dsets)[batch_key].reindex(splits.table.index).astype(str).to_numpy() if correct != "none" else None
     with contextlib.ExitStack() as stack:
+        dist = None  # executor hook: the fits as Dask tasks that read their rows from the store
+        if scheduler is not None or dask_workers is not None:
+            from ._distributed import open_grid
+
+            dist = stack.enter_context(open_grid(
+                scheduler, dask_workers, store=st.path, datasets=dsets, splits=splits, y=y, groups=groups,
+                settings=settings, warm_torch="mlp" in classifiers, correct=correct, permutations=permutations))
+            workers, threads = dist.workers, 1
         advance = lambda: None  # noqa: E731
         if progress:
             from rich.progress import (
@@ -294,8 +331,18 @@ def run_evaluation(
                                 f"{'s' if threads > 1 else ''})", total=n_tasks)
             advance = lambda: bar.advance(task)  # noqa: E731
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="scdm-eval-")) if workers > 1 else None
-        for m in models:  # one model in memory at a time
-            X = _load(st, m, dsets, splits)
+        for base, fix in variants:  # one model in memory at a time
+            from ._correct import correct_embeddings
+
+            m = base if fix == "none" else f"{base}+{fix}"
+            fixes[m] = fix
+            if dist is not None:
+                specs = [(k, c, _task_seed(seed, p.category, p.fold)) for k, p in enumerate(parts) for c in classifiers]
+                rows += [(m, parts[k], c) for k, c, _ in specs]
+                metrics += dist.grid(base, specs, advance)
+                continue
+            X = correct_embeddings(_load(st, base, dsets, splits), batch, np.flatnonzero(splits.table["fold"] != -1),
+                                   method=fix, seed=seed)  # every evaluated cell, no labels
             if tmp is not None and X.nbytes > 1 << 20:
                 X = _memmap(X, tmp)
             tasks = []
@@ -307,19 +354,34 @@ def run_evaluation(
                                   {"groups": g}))
                     rows.append((m, part, c))
             metrics += _grid(tasks, workers, threads, advance)
+            if permutations:
+                from ._stats import model_null
+
+                null += model_null(X, y, parts, splits, m, classifiers, settings, seed=seed, n=permutations,
+                                   groups=groups, threads=threads, advance=advance)
             del X
-    results = pd.DataFrame([_row(m, splits, part, c, met, y, seed) for (m, part, c), met in zip(rows, metrics, strict=True)],
-                           columns=list(RESULT_COLUMNS))
+    results = pd.DataFrame([_row(m, splits, part, c, met, y, seed, fixes[m])
+                            for (m, part, c), met in zip(rows, metrics, strict=True)], columns=list(RESULT_COLUMNS))
     results = results.astype({"fold": np.int64, "seed": np.int64, "leak_prone": bool})
     results.attrs.update({"split": splits.name, "skipped": splits.skipped.to_dict("records"), "warnings": notes,
                           "params": {**splits.params, "models": list(models), "classifiers": list(classifiers),
                                      "store": str(st.path), "protocol": protocol, "settings": settings,
-                                     "workers": workers, "threads_per_fit": threads}})
+                                     "workers": workers, "threads_per_fit": threads, "correction": correct,
+                                     "batch_key": batch_key if correct != "none" else None,
+                                     "permutations": int(permutations)}})
+    perm = None
+    if permutations:
+        from ._stats import permutation_pvalues
+
+        perm = permutation_pvalues(results, pd.DataFrame(null))
+        results.attrs["permutation"] = perm.to_dict("records")
     if out is not None:
         from ._report import write_report
+        from ._stats import write_stats
 
         blocks = [(m, part, c, met["proba"]) for (m, part, c), met in zip(rows, metrics, strict=True)]
         write_report(results, out, predictions=predictions_table(st.cells(dsets), splits, blocks))
+        write_stats(results, out, permutation=perm)
     if not splits.saved:
         save_splits(st, splits)
     return results

@@ -87,6 +87,10 @@ class Splits:
         for row in self.partitions.itertuples(index=False):
             if row.skipped:
                 continue
+            if self.params.get("scheme") == "transfer":  # train: the category's TRAIN_FOLD cells, every time
+                yield Partition(row.category, int(row.fold), row.name, np.flatnonzero((cat == row.category) & (fold == -2)),
+                                np.flatnonzero((cat == row.category) & (fold == row.fold)))
+                continue
             members = np.flatnonzero((cat == row.category) & (fold >= 0))
             test = members[fold[members] == row.fold]
             yield Partition(row.category, int(row.fold), row.name, members[fold[members] != row.fold], test)
@@ -293,6 +297,102 @@ def _leakage(cells: pd.DataFrame, category: np.ndarray, by: str) -> bool:
     return bool(hits)
 
 
+# -- transfer: fit on one selection of cells, predict each dataset of another -----------------------
+#: ``fold`` of a transfer split's training cells: in the training set of every partition of their category
+TRAIN_FOLD = -2
+#: layout of a saved split's fold codes: 2 added TRAIN_FOLD (transfer); a newer layout is refused
+SPLIT_LAYOUT = 2
+
+
+def select_cells(cells: pd.DataFrame, items: Sequence[str], what: str) -> np.ndarray:
+    """Mask of the cells a selector picks: dataset names and/or ``COLUMN=VALUE`` (union of the items)."""
+    if not items:
+        raise ScdmError(f"--scheme transfer needs --{what}", f"pass --{what} DATASET or --{what} COLUMN=VALUE "
+                        "(repeatable), e.g. --train collection=primary --test collection=external")
+    mask = np.zeros(len(cells), dtype=bool)
+    datasets = set(cells["dataset"].astype(str))
+    for item in items:
+        col, eq, value = str(item).partition("=")
+        if eq:
+            col = col.strip()
+            if col not in cells.columns or col in _NOT_META:
+                meta = [c for c in cells.columns if c not in _NOT_META]
+                raise ScdmError(f"--{what} {item!r}: the cell table has no column {col!r} (it has: {', '.join(meta)})",
+                                f"write --{what} COLUMN=VALUE with one of those columns, or a dataset name")
+            hit = cells[col].astype(str).to_numpy() == value.strip()
+        else:
+            if item not in datasets:
+                raise ScdmError(f"--{what} {item!r} is neither a dataset of the store ({', '.join(sorted(datasets))}) "
+                                "nor COLUMN=VALUE", f"pass --{what} with a dataset name or COLUMN=VALUE")
+            hit = cells["dataset"].astype(str).to_numpy() == item
+        if not hit.any():
+            raise ScdmError(f"--{what} {item!r} selects no cell", f"check the value (--{what} COLUMN=VALUE)")
+        mask |= hit
+    return mask
+
+
+def _check_disjoint(cells: pd.DataFrame, train: np.ndarray, test: np.ndarray) -> None:
+    both = train & test
+    if both.any():
+        raise ScdmError(f"--train and --test both select {int(both.sum())} cells (e.g. {cells.index[both][0]!r})",
+                        "make the selectors disjoint (e.g. --train collection=primary --test collection=external)")
+    for col in ("study", "sample"):
+        if col in cells.columns:
+            v = cells[col].astype(str).to_numpy()
+            shared = sorted(set(v[train]) & set(v[test]))
+            if shared:
+                raise ScdmError(f"--train and --test share {len(shared)} {col}(s) (e.g. {shared[0]!r}): a transfer "
+                                f"score must come from {col}s the classifier never saw",
+                                f"select whole {col}s on one side only (e.g. by dataset or by a {col}-level column)")
+
+
+def transfer_splits(cells: pd.DataFrame, *, train: Sequence[str], test: Sequence[str], by: str = "all",
+                    strict: bool = False) -> Splits:
+    """Transfer splits: per category, train on every ``train`` cell, test each ``test`` dataset.
+
+    Partition ``(category, f)`` tests the category's cells of the ``f``-th test dataset (sorted
+    names; the partition is named by it) with a classifier fitted on all of the category's training
+    cells. Refuses selectors that overlap or share a sample or a study.
+    """
+    study_key = _check_params(cells, "transfer", by, 2, None)
+    tr, te = select_cells(cells, train, "train"), select_cells(cells, test, "test")
+    _check_disjoint(cells, tr, te)
+    cols = [c for c in dict.fromkeys([by, study_key, "sample"]) if c != "all" and c in cells.columns]
+    cell_hash = _hash(cells, cols)
+    sel = hashlib.sha256("\0".join(["train", *map(str, train), "test", *map(str, test)]).encode()).hexdigest()[:8]
+    name = f"transfer-{by}-{sel}-{cell_hash[:12]}"
+    y = cells["label"].to_numpy().astype(np.int8)
+    category = _categories(cells, by)
+    ds = cells["dataset"].astype(str).to_numpy()
+    test_sets = sorted(pd.unique(ds[te]))
+    fold = np.full(len(cells), -1, dtype=np.int16)
+    rows: list[dict[str, Any]] = []
+    for cat in sorted(pd.unique(category[tr | te])):
+        in_cat = category == cat
+        tr_idx = np.flatnonzero(in_cat & tr)
+        n1, n0 = _counts(y[tr_idx])
+        if n1 == 0 or n0 == 0:
+            why = (f"no training cells ({int((in_cat & te).sum())} test cells)" if not len(tr_idx) else
+                   f"the training cells are all {_CLASS[int(n1 > 0)]} ({len(tr_idx)}); {_ONE_CLASS}")
+            rows.append(_skip_category(cat, why))
+            continue
+        fold[tr_idx] = TRAIN_FOLD
+        for f, d in enumerate(test_sets):
+            te_idx = np.flatnonzero(in_cat & te & (ds == d))
+            if len(te_idx):
+                fold[te_idx] = f
+                rows.append(_partition_row(cat, f, d, y, tr_idx, te_idx))
+    parts = pd.DataFrame(rows)
+    _check_skips(parts, "transfer", by, strict)
+    params = {"scheme": "transfer", "by": by, "folds": None, "group_key": None, "seed": None, "study_key": study_key,
+              "cell_hash": cell_hash, "n_cells": int(len(cells)), "datasets": sorted(pd.unique(ds).tolist()),
+              "leak_prone": False, "train": [str(t) for t in train], "test": [str(t) for t in test],
+              "test_datasets": test_sets, "layout": SPLIT_LAYOUT}
+    table = pd.DataFrame({"category": category.astype(str), "fold": fold, "label": y},
+                         index=pd.Index(cells.index.astype(str), name="cell"))
+    return Splits(name, table, parts, params)
+
+
 # -- public API -----------------------------------------------------------------------------
 def _identify(cells: pd.DataFrame, scheme: str, by: str, folds: int, group_key: str | None,
               seed: int) -> tuple[str, str, str]:
@@ -403,6 +503,8 @@ def make_splits(
     strict: bool = False,
     overwrite: bool = False,
     save: bool = True,
+    train: Sequence[str] | None = None,
+    test: Sequence[str] | None = None,
 ) -> Splits:
     """The splits of the store's cells: loaded when saved before, else computed and saved.
 
@@ -423,9 +525,21 @@ def make_splits(
     ``save=False`` computes new splits without saving them (``splits.saved`` is then False): a
     caller that must validate more first (a run) saves them with :func:`save_splits` once that
     succeeded, so a failing run leaves the store as it was.
+    ``scheme="transfer"``: see :func:`transfer_splits` (``train`` / ``test`` selectors).
     """
     st = open_store(store)
     cells = _cells(st, datasets)
+    if scheme == "transfer":
+        splits = transfer_splits(cells, train=train or (), test=test or (), by=by, strict=strict)
+        held = None if overwrite else _read(st, splits.name, cells)
+        if held is not None:
+            return held
+        splits.saved = False
+        if save:
+            save_splits(st, splits)
+        return splits
+    if train or test:
+        raise ScdmError("--train / --test select the cells of --scheme transfer", "add --scheme transfer, or drop them")
     if not overwrite:
         resolved = resolve_group_key(cells, scheme, group_key)
         _, _, name = _identify(cells, scheme, by, folds, resolved, seed)
@@ -477,6 +591,9 @@ def load_splits(
 
 def _from_saved(name: str, table: pd.DataFrame, record: SplitRecord) -> Splits:
     params = record.params()
+    if int(params.get("layout") or 1) > SPLIT_LAYOUT:
+        raise StoreError(f"split {name!r} was saved with fold layout {params['layout']}, newer than this scdm reads "
+                         f"({SPLIT_LAYOUT})", "upgrade scdm, or remake the splits with --overwrite")
     parts = pd.DataFrame(record.partitions)
     table = table.astype({"category": str, "fold": np.int16, "label": np.int8})
     table.index = table.index.astype(str)
@@ -514,4 +631,4 @@ def list_splits(store: str | Path | EmbeddingStore) -> pd.DataFrame:
 
 __all__ = ["BY_CHOICES", "CELL_LEVEL", "SCHEMES", "By", "LeakageWarning", "Partition", "Scheme", "SplitWarning", "Splits",
            "compute_splits", "labels_per_sample", "list_splits", "load_splits", "make_splits", "open_store",
-           "resolve_group_key"]
+           "resolve_group_key", "select_cells", "transfer_splits"]

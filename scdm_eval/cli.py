@@ -15,7 +15,7 @@ from rich.table import Table
 from scdm_embed.cli_support import err_console, friendly_errors, make_console
 from scdm_embed.store import DEFAULT_STORE
 
-from ._choices import By, LoraHead, Protocol, Scheme
+from ._choices import By, Correction, LoraHead, Protocol, Scheme, Structured, Unparsed
 
 app = typer.Typer(
     help="Predict drug sensitivity from cached cell embeddings: fast classifiers under honest, saved splits.\n\n"
@@ -32,7 +32,7 @@ console = make_console()
 
 Store = Annotated[Path, typer.Option("--store", "-s", help="The scdm Zarr store (from `scdm-embed extract`).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model whose embeddings (or network, for lora) are used, as extracted into the store.")]
-SchemeOpt = Annotated[Scheme, typer.Option(help="pooled: k-fold inside each category; cross: leave one study out.")]
+SchemeOpt = Annotated[Scheme, typer.Option(help="pooled: k-fold inside each category; cross: leave one study out; transfer (run): fit on --train, predict each --test dataset.")]
 ByOpt = Annotated[By, typer.Option(help="all: one category; else one evaluation per value of this metadata column.")]
 FoldsOpt = Annotated[int, typer.Option(help="Folds for the pooled scheme.")]
 GroupOpt = Annotated[str | None, typer.Option(help="Keep each value of this column (e.g. sample) on one side of every split.")]
@@ -72,9 +72,16 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Classifier setting CLASSIFIER.KEY=VALUE, over the protocol (repeatable), e.g. --set mlp.lr=1e-4 --set xgboost.max_depth=4.")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="MLP: most training epochs (same as --set mlp.max_epochs=N).")] = None,
     strict: StrictOpt = False,
+    train: Annotated[list[str] | None, typer.Option("--train", help="--scheme transfer: training cells, a dataset name or COLUMN=VALUE (repeatable; union), e.g. collection=primary.")] = None,
+    test: Annotated[list[str] | None, typer.Option("--test", help="--scheme transfer: test cells (each dataset scored apart), a dataset name or COLUMN=VALUE (repeatable).")] = None,
+    correct: Annotated[Correction, typer.Option(help="harmony: also score each model's embeddings Harmony-corrected on --batch-key (rows MODEL+harmony; transductive: uses the test cells' embeddings, never labels).")] = Correction.none,
+    batch_key: Annotated[str, typer.Option(help="Batch column Harmony mixes (--correct harmony).")] = "study",
+    permutations: Annotated[int, typer.Option(help="Label-permutation null: N refits on labels shuffled within the split's groups, same folds; p = (1+k)/(1+N) per metric (permutation.csv, summary.md).")] = 0,
+    scheduler: Annotated[str | None, typer.Option(help="Run the fits as tasks on this dask.distributed scheduler (tcp://HOST:8786); each worker reads its cells from --store, which every worker must reach.")] = None,
+    dask_workers: Annotated[int | None, typer.Option(help="Run the fits on a local Dask cluster of N worker processes (1 thread each).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Fit and score classifiers on every model x partition, write the results and a summary."""
+    """Fit and score classifiers on every model x partition, write the results, a summary and paired tests."""
     from ._report import rich_table, summarize
     from ._run import run_evaluation
 
@@ -87,12 +94,25 @@ def run(
     with _show_warnings():
         res = run_evaluation(store, models=model, scheme=scheme.value, by=by.value, classifiers=clfs, folds=folds,
                              group_key=group_key, seed=seed, n_jobs=n_jobs, out=out, classifier_options=opts or None,
-                             strict=strict, progress=not quiet, protocol=protocol.value)
+                             strict=strict, progress=not quiet, protocol=protocol.value, train=train, test=test,
+                             correct=correct.value, batch_key=batch_key, permutations=permutations,
+                             scheduler=scheduler, dask_workers=dask_workers)
     console.print(rich_table(summarize(res)))
+    if permutations:
+        from ._stats import permutation_table
+
+        console.print(permutation_table(res.attrs["permutation"]))
     skipped = res.attrs.get("skipped", [])
     if skipped:
         console.print(f"{len(skipped)} categor{'y' if len(skipped) == 1 else 'ies'}/partition(s) skipped (see summary.md)")
     console.print(f"{len(res)} fits; split {res.attrs['split']}; wrote {out}/results.parquet, results.csv, summary.md, summary.png")
+    if (out / "stats.csv").exists():  # paired tests between models / classifiers (see `scdm-eval compare`)
+        import pandas as pd
+
+        stats = pd.read_csv(out / "stats.csv")
+        console.print(f"paired tests: {len(stats)} comparisons, {int(stats['significant'].sum())} significant "
+                      f"(Holm-adjusted t-test p < 0.05); wrote {out}/stats.parquet, stats.csv"
+                      + (", permutation.csv" if permutations else ""))
 
 
 def _lora_inputs(items: list[str] | None):
@@ -134,6 +154,10 @@ def lora(
     lr: Annotated[float, typer.Option(help="AdamW learning rate (LoRA + head).")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="Cells per batch (CellPLM: the cells' shared context).")] = 16,
     grad_accum: Annotated[int, typer.Option(help="Batches whose gradients make one optimiser step.")] = 1,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Forward under bf16 autocast (float32 master weights) [default: on CUDA yes, on CPU no].", show_default=False)] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, same gradients, ~1/3 more compute.")] = False,
+    final: Annotated[bool, typer.Option("--final", help="Also fit, per category and rank, on all its cells and save it (OUT/lora/MODEL/lora-rN/CATEGORY/final).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Retrain fits already saved in --out (default: resume, keeping finished fits).")] = False,
     token_budget: Annotated[int | None, typer.Option(help="Max padded tokens per forward; larger batches run as micro-batches [default: 4096 on CPU, 65536 on CUDA; 0 = no cap].")] = None,
     max_partitions: Annotated[int | None, typer.Option(help="Only the first N partitions (quick runs).")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available), cuda, cuda:N or cpu.")] = "auto",
@@ -151,14 +175,76 @@ def lora(
         res = run_lora(store, model=model, checkpoint=checkpoint, input=_lora_inputs(input), model_options=opts,
                        scheme=scheme.value, by=by.value, folds=folds, group_key=group_key, seed=seed, epochs=epochs,
                        lr=lr, batch_size=batch_size, token_budget=token_budget, rank=rank or 8, alpha=alpha,
-                       dropout=dropout, targets=targets, head=head.value, grad_accum=grad_accum,
-                       max_partitions=max_partitions, device=device, out=out,
-                       progress=not quiet, trust_checkpoint=trust_checkpoint)
+                       dropout=dropout, targets=targets, head=head.value, grad_accum=grad_accum, bf16=bf16,
+                       gradient_checkpointing=gradient_checkpointing, max_partitions=max_partitions, device=device,
+                       out=out, final=final, overwrite=overwrite, progress=not quiet,
+                       trust_checkpoint=trust_checkpoint)
     console.print(rich_table(summarize(res)))
     info = res.attrs.get("lora", {})
     combined = " and combined_summary.md" if (out / "combined_summary.md").exists() else ""
-    console.print(f"{len(res)} of {info.get('partitions_total', len(res))} partitions fine-tuned on {info.get('device')}; "
-                  f"split {res.attrs['split']}; wrote {out}/lora_results.parquet, lora_results.csv, lora_summary.md{combined}")
+    resumed = f" ({info['resumed']} resumed from saved fits)" if info.get("resumed") else ""
+    console.print(f"{len(res)} of {info.get('partitions_total', len(res))} partitions fine-tuned on {info.get('device')}"
+                  f"{resumed}; split {res.attrs['split']}; wrote {out}/lora_results.parquet, lora_results.csv, "
+                  f"lora_summary.md{combined}; fits (LoRA bundles for `scdm-eval predict`) in {info.get('bundles')}")
+
+
+@app.command()
+@friendly_errors
+def prompt(
+    llm: Annotated[str, typer.Option("--llm", help="Model name at the endpoint (e.g. gpt-4o-mini); rows are model llm:NAME.")],
+    base_url: Annotated[str, typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 (vLLM, llama.cpp).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for llm_results.parquet/.csv, llm_summary.md, llm_predictions.parquet, llm_usage.json.")],
+    store: Annotated[Path | None, typer.Option("--store", "-s", help=f"Store whose saved splits are used (default {DEFAULT_STORE} unless --input alone).")] = None,
+    input: Annotated[list[str] | None, typer.Option("--input", help="Cells' counts: with --store, PATH or DATASET=PATH when the recorded input moved (repeatable); alone, an .h5ad (or registry name) whose splits are made in memory.")] = None,
+    genes: Annotated[int, typer.Option(help="Top expressed genes per cell in the prompt (the paper: 10 or 100).")] = 10,
+    cot: Annotated[bool, typer.Option("--cot", help="Ask for reasoning before the answer (classifier prompt-topN-cot).")] = False,
+    context: Annotated[bool, typer.Option(help="Put the cells' tissue, cancer type and drug (when known) in the prompt.")] = True,
+    cells_per_request: Annotated[int, typer.Option(help="Cells per request (ids c1, c2, ... in the answer).")] = 1,
+    max_cells: Annotated[int | None, typer.Option(help="Ask about a seeded random subset of this many test cells (cost cap).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Completion token cap per request [default: 24, 384 with --cot; +16 per cell with several per request].")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: deterministic where the endpoint is).")] = 0.0,
+    scheme: SchemeOpt = Scheme.pooled,
+    by: ByOpt = By.all,
+    folds: FoldsOpt = 10,
+    group_key: GroupOpt = None,
+    seed: SeedOpt = 0,
+    strict: StrictOpt = False,
+    structured: Annotated[Structured, typer.Option(help="Structured output: auto probes json_schema (OpenAI, vLLM), then json_object + schema (llama.cpp), then text; remembered per endpoint.")] = Structured.auto,
+    unparsed: Annotated[Unparsed, typer.Option(help="Score an unparsed answer as wrong (P(sensitive) = 1 - truth) or neutral (0.5); counted per fold either way.")] = Unparsed.wrong,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the API key [default: OPENAI_API_KEY when set; local servers need none].")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at a time.")] = 4,
+    retries: Annotated[int, typer.Option(help="Retries of a request on 429 / 5xx / time-out / lost connection (exponential back-off).")] = 5,
+    backoff: Annotated[float, typer.Option(help="First back-off in seconds (doubles each retry; a Retry-After header wins).")] = 1.0,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request times out (then it is retried).")] = 120.0,
+    cache: Annotated[Path | None, typer.Option(help="Response cache folder [default: $SCDM_CACHE_DIR/llm, ~/.cache/scdm/llm].")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the requests and estimated tokens; send nothing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Ask a chat LLM, per test cell of the saved splits, whether the cell is drug-sensitive or resistant."""
+    from ._prompt import describe_plan, plan_prompting, run_prompting
+    from ._report import rich_table, summarize
+
+    inp = _lora_inputs(input)
+    if store is None and inp is None:
+        store = DEFAULT_STORE
+    kw = dict(llm=llm, input=inp, genes=genes, cot=cot, context=context, cells_per_request=cells_per_request,
+              max_cells=max_cells, max_tokens=max_tokens, temperature=temperature, scheme=scheme.value, by=by.value,
+              folds=folds, group_key=group_key, seed=seed, strict=strict, structured=structured.value, cache=cache)
+    with _show_warnings():
+        if dry_run:
+            console.print(describe_plan(plan_prompting(store, base_url=base_url, **kw)), markup=False)
+            return
+        res = run_prompting(store, base_url=base_url, unparsed=unparsed.value, api_key_env=api_key_env,
+                            concurrency=concurrency, retries=retries, backoff=backoff, timeout=timeout, out=out,
+                            progress=not quiet, **kw)
+    console.print(rich_table(summarize(res)))
+    info = res.attrs["llm"]
+    u = info["usage"]
+    console.print(f"{u['cells']} cells in {u['requests']} requests ({u['sent']} sent, {u['cached']} cached, "
+                  f"{u['retries']} retries; structured output: {info['structured']}); {u['unparsed']} unparsed "
+                  f"(scored {info['unparsed']}); tokens spent: {u['spent_prompt_tokens']} prompt + "
+                  f"{u['spent_completion_tokens']} completion; split {res.attrs['split']}; wrote {out}/llm_results.parquet, "
+                  "llm_summary.md, llm_predictions.parquet, llm_usage.json")
 
 
 @app.command()
@@ -205,12 +291,12 @@ def _fit_settings(classifier: str, items: list[str] | None) -> dict[str, str]:
 @app.command()
 @friendly_errors
 def predict(
-    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder from `scdm-eval fit`.")],
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder from `scdm-eval fit`, or a LoRA fit folder from `scdm-eval lora` (OUT/lora/MODEL/lora-rN/CATEGORY/fold-K or final).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Per-cell predictions (.parquet or .csv).")],
     store: Annotated[Path | None, typer.Option("--store", "-s", help="Store holding the cells' embeddings (with --input: where to embed them; needed for pca/hvg).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to predict (with --input: its name, default the file name).")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="Raw cells (.h5ad) to embed with the bundle's model first.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="With --input: the model's checkpoint folder (default: the bundle's recorded one).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="With --input: the model's checkpoint folder (default: the bundle's recorded one; LoRA bundles: the base checkpoint, refused when its hash differs).")] = None,
 ) -> None:
     """Predict drug sensitivity per cell with a saved classifier (refuses embeddings computed differently)."""
     from ._bundle import predict as run_predict
@@ -219,6 +305,49 @@ def predict(
     n1 = int((res["predicted"] == "sensitive").sum())
     console.print(f"{len(res)} cells of {res['dataset'].iloc[0] if len(res) else dataset}: {n1} predicted sensitive, "
                   f"{len(res) - n1} resistant; wrote {out}")
+
+
+@app.command()
+@friendly_errors
+def compare(
+    results: Annotated[Path, typer.Option("--results", "-r", help="The --out folder of `scdm-eval run` (or its results.parquet).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for stats.parquet/.csv and the summary.md section [default: beside the results].")] = None,
+) -> None:
+    """Paired tests between models and classifiers over the same folds (t-test, Wilcoxon, Holm, d_z)."""
+    from ._stats import compare_results, stats_table
+
+    stats = compare_results(results, out=out)
+    console.print(stats_table(stats))
+    where = out if out is not None else (results if results.is_dir() else results.parent)
+    console.print(f"{len(stats)} comparisons, {int(stats['significant'].sum())} significant (Holm-adjusted paired "
+                  f"t-test p < 0.05); wrote {where}/stats.parquet, stats.csv, summary.md")
+
+
+@app.command()
+@friendly_errors
+def report(
+    results: Annotated[Path, typer.Option("--results", "-r", help="Folder of `scdm-eval run` / `lora` / `prompt` (results.parquet, lora_results.parquet, llm_results.parquet).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.html and the figures (PNG + SVG).")],
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="The store the results came from: UMAPs (cached in it), compute table, provenance.")] = None,
+    metric: Annotated[str, typer.Option(help="Metric that ranks the models (recommendation table, radars).")] = "auroc",
+    umap: Annotated[bool, typer.Option(help="UMAP of each model's embeddings (needs --store).")] = True,
+    max_cells: Annotated[int, typer.Option(help="UMAPs above this many cells use a random subsample (said on the figure).")] = 50_000,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")] = False,
+) -> None:
+    """Write one self-contained HTML report (inline SVG figures, tables, provenance) + PNG/SVG figure files."""
+    from scdm_embed.errors import ScdmError
+
+    from ._html import write_html_report
+    from ._metrics import METRICS
+
+    if metric not in METRICS:
+        raise ScdmError(f"--metric {metric!r} is not a metric", f"pick one of: {', '.join(METRICS)}")
+    if max_cells < 10:
+        raise ScdmError(f"--max-cells {max_cells} is too small for a UMAP", "pass --max-cells 10 or more")
+    paths = write_html_report(results, out=out, store=store, metric=metric, umap=umap, max_umap_cells=max_cells,
+                              progress=not quiet)
+    n_fig = sum(1 for k in paths if k.endswith("_svg"))
+    console.print(f"wrote {paths['html']} ({n_fig} figures as PNG + SVG in {out})")
 
 
 @splits_app.command("make")
