@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STORE  ?= store/demo.zarr
 OUT    ?= results/demo
 JOBS   ?= 2
+PORT   ?= 8000
 # prebuilt wheels (llama-cpp-python compiles from source otherwise); harmless when absent
 WHEELS ?= ../shared/wheels
 
-.PHONY: install lock demo demo-all test bench lint clean
+.PHONY: install lock demo demo-all demo-llm web test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +43,12 @@ demo: install  ## embed the real PC9 cells (pca, hvg, MiniLM) and score them: po
 	$(BIN)/scdm-embed extract gse149214_pc9 --dataset pc9 --model lm --checkpoint minilm --store $(STORE) --option n_genes=48
 	$(BIN)/scdm-embed inspect $(STORE)
 	$(BIN)/scdm-eval run --store $(STORE) --scheme pooled --by all --folds 10 --classifier mlp --classifier xgboost --classifier logreg --out $(OUT)
+	$(BIN)/scdm-eval fit --store $(STORE) --model pca --classifier logreg --out $(OUT)/bundles/pca_logreg --overwrite
+	$(BIN)/scdm-eval report --results $(OUT) --store $(STORE) --out $(OUT)/report
+	@echo "report: $(OUT)/report/report.html (browse it all with: make web)"
+
+web: install  ## the web app on the demo store and results: http://127.0.0.1:$(PORT)/
+	$(BIN)/scdm-web --store $(STORE) --results $(OUT) --port $(PORT)
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(JOBS) --dist loadfile
@@ -51,6 +58,9 @@ bench: install
 
 demo-all: install  ## every model (fixture / official-layout checkpoints) on the real PC9 cells, one results table
 	OMP_NUM_THREADS=2 $(BIN)/python bench/extract_all.py
+
+demo-llm: install  ## the LLM stage: 50 real PC9 cells asked of SmolLM2-135M on a local llama.cpp server it starts
+	OMP_NUM_THREADS=2 $(BIN)/python bench/demo_llm.py --out $(OUT)-llm
 
 lint: install
 	$(BIN)/ruff check scdm_embed scdm_eval scdm_web tests bench
