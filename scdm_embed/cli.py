@@ -351,8 +351,15 @@ def download(
 
     An interrupted download resumes on the next run; a file that fails verification is deleted and refused.
     """
-    from ._download import download_checkpoint
+    import os
 
+    from ._download import MIRROR_ENV, checkpoint_entry, download_checkpoint
+    from .errors import InputError
+
+    hub = checkpoint_entry(model).kind == "huggingface" and not (mirror or os.environ.get(MIRROR_ENV))
+    if hub and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise InputError("HF_HUB_OFFLINE is set in your environment, so nothing can be fetched from Hugging Face",
+                         "unset HF_HUB_OFFLINE for this command, or pass --mirror URL")
     r = download_checkpoint(model, to=to, revision=revision, mirror=mirror, include_optional=optional)
     if not quiet:
         for f in r.fetched:
