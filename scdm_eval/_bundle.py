@@ -384,12 +384,21 @@ def predict(
     reuse the store's fit), else a temporary store. An embedding whose provenance differs
     from the bundle's is refused. Returns :data:`PREDICT_COLUMNS` (``y_true`` -1 when the
     cells are unlabelled); with ``out``, also writes it (``.parquet``, or ``.csv``).
+    A LoRA fit folder of ``scdm-eval lora`` (:mod:`scdm_eval._lora_bundle`) takes ``input``
+    only: its base checkpoint + adapter embed the cells (:func:`~scdm_eval._lora_bundle.predict_lora`).
     """
     from ._splits import open_store
 
+    if not isinstance(bundle, Bundle):
+        from ._lora_bundle import is_lora_bundle, predict_lora
+
+        if is_lora_bundle(bundle):  # base model + LoRA adapter + head: embeds raw cells itself
+            if store is not None:
+                raise ScdmError("a LoRA bundle embeds raw cells itself and uses no store",
+                                "drop --store; pass --input CELLS.h5ad")
+            return predict_lora(bundle, input=input, checkpoint=checkpoint, dataset=dataset, out=out)
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if out is not None and Path(out).suffix not in (".parquet", ".csv"):
-        raise ScdmError(f"--out {str(out)!r} must end in .parquet or .csv", "pass e.g. --out preds.parquet")
+    check_predict_out(out)
     if input is None and (store is None or dataset is None):
         raise ScdmError("nothing to predict: give --store and --dataset, or --input CELLS.h5ad",
                         "e.g. scdm-eval predict --bundle B --store S --dataset D --out preds.parquet")
@@ -416,23 +425,40 @@ def predict(
             raise StoreError(f"the {model} embedding of {dataset!r} holds non-finite values",
                              f"re-extract it with `scdm-embed extract ... --model {model} --overwrite`")
         p = b.predict_proba(X)
+    res = predictions_frame(cells, dataset, model, b.meta["classifier"], p)
+    if out is not None:
+        write_predictions(res, out)
+    return res
+
+
+def check_predict_out(out: str | Path | None) -> None:
+    """Refuse a predictions path that is neither .parquet nor .csv."""
+    if out is not None and Path(out).suffix not in (".parquet", ".csv"):
+        raise ScdmError(f"--out {str(out)!r} must end in .parquet or .csv", "pass e.g. --out preds.parquet")
+
+
+def predictions_frame(cells: pd.DataFrame, dataset: str, model: str, classifier: str, p: np.ndarray) -> pd.DataFrame:
+    """:data:`PREDICT_COLUMNS` of ``cells`` (index ``dataset/cell_id``) with P(sensitive) ``p``."""
     n = len(cells)
 
     def col(c: str) -> pd.Categorical:
         return pd.Categorical(cells[c].astype(str).to_numpy()) if c in cells.columns else pd.Categorical([None] * n)
 
     y = cells["label"].to_numpy().astype(np.int8) if "label" in cells.columns else np.full(n, -1, np.int8)
-    res = pd.DataFrame({
+    return pd.DataFrame({
         "cell_id": [k[len(dataset) + 1:] for k in cells.index], "dataset": pd.Categorical([dataset] * n),
         "study": col("study"), "sample": col("sample"), "model": pd.Categorical([model] * n),
-        "classifier": pd.Categorical([b.meta["classifier"]] * n), "y_true": y, "p_sensitive": p,
+        "classifier": pd.Categorical([classifier] * n), "y_true": y, "p_sensitive": p,
         "predicted": pd.Categorical(np.where(p >= 0.5, "sensitive", "resistant"), categories=["resistant", "sensitive"]),
     }, columns=list(PREDICT_COLUMNS))
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        res.to_csv(out, index=False) if out.suffix == ".csv" else res.to_parquet(out, index=False)
-    return res
+
+
+def write_predictions(res: pd.DataFrame, out: str | Path) -> Path:
+    """Write a predictions table as ``.csv`` or ``.parquet`` (by the suffix of ``out``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res.to_csv(out, index=False) if out.suffix == ".csv" else res.to_parquet(out, index=False)
+    return out
 
 
 __all__ = ["FILES", "FORMAT", "IDENTITY", "PREDICT_COLUMNS", "Bundle", "fit_classifier", "load_bundle", "predict",

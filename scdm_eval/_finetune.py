@@ -34,8 +34,17 @@ partition starts from a pristine copy of the loaded model. An optimisation step 
 of ``batch_size`` training cells; the Runner splits it into micro-batches within the token
 budget (and again on out-of-memory) whose gradients add up to the whole batch's, so the
 budget changes memory, not the step (with LoRA dropout on, masks are drawn per micro-batch).
-On CUDA the forward runs under bf16 autocast (float32 master weights); on CPU everything is
-float32.
+On CUDA the forward runs under bf16 autocast (float32 master weights, head and loss; ``bf16=``
+/ ``--bf16/--no-bf16`` chooses, on CPU too); ``gradient_checkpointing`` recomputes activations
+in the backward pass (Hugging Face models: their own checkpointing; others:
+``torch.utils.checkpoint`` around each encoder block).
+
+With ``out``, every fit is saved the moment it finishes as a LoRA bundle (peft adapter, head,
+manifest: :mod:`scdm_eval._lora_bundle`) under ``out/lora/<model>/lora-r<rank>/<category>/fold-<K>``
+(``--final``: ``.../<category>/final``, all the category's cells); a killed run started again
+with the same settings loads the finished fits and trains the others. Results rows carry
+telemetry (:data:`TELEMETRY_COLUMNS`); ``progress`` shows a bar over fits and one over the
+current fit's training cells (epoch, cells/s).
 
 Models whose cells attend to each other (CellPLM, ``batch_invariant = False``): a batch is
 the cells' context and is never split. Training batches are random groups of ``batch_size``
@@ -52,7 +61,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -66,7 +75,14 @@ from scdm_embed.errors import ScdmError, StoreError
 from scdm_embed.inputs import InputDataset, read_input
 from scdm_embed.models import get_adapter
 from scdm_embed.models.base import Adapter, GenePlan
-from scdm_embed.models.lora import LORA_ALPHA, LORA_DROPOUT, LORA_R, apply_lora
+from scdm_embed.models.lora import (
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_R,
+    apply_lora,
+    enable_gradient_checkpointing,
+    supports_gradient_checkpointing,
+)
 from scdm_embed.runner import Runner, plan_batches, resolve_device, token_lengths
 from scdm_embed.store import EmbeddingStore, Provenance
 from scdm_embed.store.schema import jsonable
@@ -117,6 +133,7 @@ class _Context:
     dataset: np.ndarray  #: dataset name per cell, in split-table order
     settings_diff: dict[str, list[str]] = field(default_factory=dict)
     targets: tuple[str, ...] = ()  #: the LoRA target modules (checked against the network)
+    read_as: tuple[str | None, str | None] = (None, None)  #: (layer, gene key) the inputs were read with
 
 
 @dataclass
@@ -128,10 +145,17 @@ class _Fit:
     head: torch.nn.Module
     losses: list[float]
     seconds: float
+    train_seconds: float = 0.0
+    cells_trained: int = 0  #: training cells x epochs
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.cells_trained / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
 # -- set-up ---------------------------------------------------------------------------------
-def _check_neural(model: str) -> type[Adapter]:
+def check_neural(model: str) -> type[Adapter]:
+    """The adapter class of ``model``, refused when it has no network LoRA can fine-tune."""
     cls = get_adapter(model)
     if cls.requires_reference or cls.checkpoint_layout is None:
         raise ScdmError(f"model {model!r} has no neural network to fine-tune with LoRA",
@@ -249,8 +273,9 @@ def _settings_diff(adapter: Adapter, held: Provenance | None) -> list[str]:
     return sorted(k for k in set(now) | set(was) if _norm(now.get(k)) != _norm(was.get(k)))
 
 
-def _build(model: str, checkpoint: Path, options: Mapping[str, Any], device: torch.device, *,
-           trust_checkpoint: bool = False) -> Adapter:
+def build_adapter(model: str, checkpoint: Path, options: Mapping[str, Any], device: torch.device, *,
+                  trust_checkpoint: bool = False) -> Adapter:
+    """Load ``model`` from ``checkpoint`` with ``options`` in float32 (autocast gives bf16 when asked)."""
     a = get_adapter(model)(checkpoint, trust_checkpoint=trust_checkpoint, **dict(options))
     a.load(device=device, dtype=torch.float32)  # float32 master weights; autocast does bf16 on CUDA
     if a.torch_module() is None:
@@ -290,7 +315,7 @@ def _prepare_context(
     targets: Sequence[str] | None = None,
 ) -> _Context:
     """Load the model, open and verify every dataset's cells, tokenize them once (split-table order)."""
-    cls = _check_neural(model)
+    cls = check_neural(model)
     cells = st.cells()
     if not cells.index.astype(str).equals(index):
         raise StoreError("the split table does not match the store's cells", "re-make the splits (`scdm-eval splits make --overwrite`)")
@@ -299,7 +324,7 @@ def _prepare_context(
     ckpt = _checkpoint(model, checkpoint, prov, st)
     opts = _options(model, model_options, prov, st)
     paths = _inputs(st, datasets, input)
-    adapter = _build(model, ckpt, opts, device, trust_checkpoint=trust_checkpoint)
+    adapter = build_adapter(model, ckpt, opts, device, trust_checkpoint=trust_checkpoint)
     chosen = _resolve_targets(adapter, targets)
     diff = {ds: d for ds in datasets if (d := _settings_diff(adapter, prov.get(ds)))}
     if diff:
@@ -320,15 +345,18 @@ def _prepare_context(
             data.close()
     base = adapter.torch_module().cpu()  # the loaded network becomes the pristine template
     adapter.model = None  # each partition binds its own LoRA copy
+    first = next(iter(prov.values()), None)
+    read_as = (first.layer, first.gene_key) if first is not None else (None, None)
     return _Context(model, ckpt, dict(opts), device, adapter, base, plans, tokens, cells["dataset"].to_numpy(), diff,
-                    chosen)
+                    chosen, read_as)
 
 
 # -- training -------------------------------------------------------------------------------
-def _runner(ctx: _Context, batch_size: int, token_budget: int | None) -> Runner:
-    """The Runner of training and inference: ``token_budget`` None = the device default, 0 = no cap."""
-    autocast = torch.bfloat16 if ctx.device.type == "cuda" else None
-    return Runner(ctx.adapter, batch_size=batch_size, token_budget=token_budget, autocast=autocast)
+def _runner(ctx: _Context, batch_size: int, token_budget: int | None, bf16: bool = False) -> Runner:
+    """The Runner of training and inference: ``token_budget`` None = the device default, 0 = no cap;
+    ``bf16``: the forward under bf16 autocast (float32 master weights, head and loss)."""
+    return Runner(ctx.adapter, batch_size=batch_size, token_budget=token_budget,
+                  autocast=torch.bfloat16 if bf16 else None)
 
 
 def _groups(ctx: _Context, cells: np.ndarray, batch_size: int, rng: np.random.Generator | None
@@ -356,7 +384,7 @@ def _groups(ctx: _Context, cells: np.ndarray, batch_size: int, rng: np.random.Ge
     return out
 
 
-def _make_head(dim: int, head: str) -> torch.nn.Module:
+def make_head(dim: int, head: str) -> torch.nn.Module:
     """The paper's MLP ``dim -> 512 -> 512 -> 2`` (ReLU), or a linear ``dim -> 2``."""
     if head == "linear":
         return torch.nn.Linear(dim, 2)
@@ -371,11 +399,15 @@ def _make_head(dim: int, head: str) -> torch.nn.Module:
 def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.ndarray, *, seed: int, epochs: int,
                    lr: float, batch_size: int, token_budget: int | None = None, r: int = LORA_R,
                    alpha: float = LORA_ALPHA, dropout: float = LORA_DROPOUT, head: str = "mlp",
-                   grad_accum: int = 1) -> _Fit:
-    """Fine-tune a fresh LoRA copy of the network + a head on ``train``; P(sensitive) on ``test``.
+                   grad_accum: int = 1, bf16: bool = False, gradient_checkpointing: bool = False,
+                   on_step: Callable[[int, int], None] | None = None) -> _Fit:
+    """Fine-tune a fresh LoRA copy of the network + a head on ``train``; P(sensitive) on ``test``
+    (``test`` empty: a final fit, no scoring).
 
     An optimiser step averages the gradients of ``grad_accum`` consecutive batches (the mean
-    over their cells)."""
+    over their cells). ``bf16``: forward under bf16 autocast; ``gradient_checkpointing``:
+    activations recomputed in the backward pass (:func:`enable_gradient_checkpointing`).
+    ``on_step(cells, epoch)`` is called after each optimiser step (progress bars)."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -384,10 +416,10 @@ def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.nda
     with warnings.catch_warnings():  # peft notes that it switches GPT-2's Conv1D to fan_in_fan_out itself
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
         net = apply_lora(a, r=r, alpha=alpha, dropout=dropout, targets=ctx.targets or None)
-    head_net = _make_head(a.dim, head).to(ctx.device)
+    head_net = make_head(a.dim, head).to(ctx.device)
     params = [p for p in net.parameters() if p.requires_grad] + list(head_net.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
-    runner = _runner(ctx, batch_size, token_budget)
+    runner = _runner(ctx, batch_size, token_budget, bf16)
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(ctx.device)
     losses: list[float] = []
     net.eval()  # the foundation model runs as in extraction; only LoRA dropout trains
@@ -395,9 +427,12 @@ def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.nda
         if name.endswith("lora_dropout"):
             m.train()
     head_net.train()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(net, name=ctx.model)
     try:
+        t_train = time.perf_counter()
         with torch.enable_grad():
-            for _ in range(epochs):
+            for epoch in range(epochs):
                 total, n = 0.0, 0
                 steps = _groups(ctx, train, batch_size, rng)
                 for w in range(0, len(steps), grad_accum):
@@ -424,7 +459,10 @@ def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.nda
                     opt.step()
                     total += loss * k
                     n += k
+                    if on_step is not None:
+                        on_step(k, epoch)
                 losses.append(total / max(n, 1))
+        train_s = time.perf_counter() - t_train
         net.eval()
         head_net.eval()
         proba = np.empty(len(test), dtype=np.float64)
@@ -436,7 +474,181 @@ def _fit_partition(ctx: _Context, y: np.ndarray, train: np.ndarray, test: np.nda
             proba[[where[c] for c in group]] = p.cpu().numpy()
     finally:
         a.model = None
-    return _Fit(proba, net, head_net, losses, time.perf_counter() - t0)
+    return _Fit(proba, net, head_net, losses, time.perf_counter() - t0, train_s, len(train) * epochs)
+
+
+# -- bf16, telemetry, progress, saving and resume -------------------------------------------
+#: columns the LoRA rows add after :data:`RESULT_COLUMNS`
+TELEMETRY_COLUMNS: tuple[str, ...] = ("wall_s", "cells_per_s", "peak_rss_mb", "peak_gpu_mb", "device")
+
+
+def _check_bf16(bf16: bool | None, dev: torch.device) -> bool:
+    """``bf16`` resolved for ``dev`` (None: on CUDA yes, elsewhere no); refused where unsupported."""
+    if bf16 is None:
+        return dev.type == "cuda"
+    if not isinstance(bf16, bool):
+        raise ScdmError(f"bf16 must be True, False or None (got {bf16!r})", "pass --bf16 or --no-bf16, or leave it out")
+    if bf16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ScdmError(f"--bf16 was asked for, but the GPU {torch.cuda.get_device_name(dev)} has no bfloat16 support",
+                        "pass --no-bf16 (float32), or use a GPU with bf16 (Ampere or newer)")
+    if bf16 and dev.type not in ("cuda", "cpu"):
+        raise ScdmError(f"--bf16 autocast is supported on cuda and cpu, not {dev.type}", "pass --no-bf16")
+    return bf16
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _telemetry(fit: _Fit, dev: torch.device) -> dict[str, Any]:
+    gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
+    return {"wall_s": round(fit.seconds, 3), "cells_per_s": round(fit.cells_per_s, 2), "peak_rss_mb": _peak_rss_mb(),
+            "peak_gpu_mb": round(gpu, 1), "device": str(dev)}
+
+
+@dataclass
+class _Job:
+    """One fit: a partition (``fold`` None: the category's final fit on ``train`` = all its cells) and a rank."""
+
+    part: Partition
+    rank: int
+    fold: int | None
+    train: np.ndarray
+    test: np.ndarray
+
+
+class _Bar:
+    """Two rich bars: fits done, and the current fit's training cells (epoch, cells/s); silent when off."""
+
+    def __init__(self, stack: contextlib.ExitStack, on: bool, title: str, total: int) -> None:
+        self.bar = None
+        if not on:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from scdm_embed.cli_support import err_console
+
+        class Rate(TextColumn):
+            def render(self, task):  # noqa: ANN001, ANN202
+                from rich.text import Text
+
+                return Text(f"{task.speed:,.1f} cells/s" if task.speed else "", style="progress.data.speed")
+
+        self.bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                                Rate(""), TimeElapsedColumn(), console=err_console, transient=True))
+        self.fits = self.bar.add_task(title, total=total)
+        self.cells = self.bar.add_task("", total=1, visible=False)
+        self.name, self.epochs = "", 1
+
+    def start_fit(self, name: str, cells: int, epochs: int) -> None:
+        if self.bar is not None:
+            self.name, self.epochs = name, epochs
+            self.bar.reset(self.cells, total=max(cells, 1), visible=True,
+                           description=f"{name} epoch 1/{epochs}")
+
+    def step(self, cells: int, epoch: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.cells, advance=cells, description=f"{self.name} epoch {epoch + 1}/{self.epochs}")
+
+    def fit_done(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.fits)
+            self.bar.update(self.cells, visible=False)
+
+
+class _Saver:
+    """Saves each finished fit as a LoRA bundle under ``out/lora`` and finds the finished ones (resume)."""
+
+    def __init__(self, out: Path, ctx: _Context, splits: Any, settings: dict[str, Any], *, seed: int,
+                 token_budget: int | None, overwrite: bool) -> None:
+        from scdm_embed.models.base import hash_path
+
+        from ._lora_bundle import plan_identity
+
+        self.out, self.ctx, self.splits, self.overwrite = out, ctx, splits, overwrite
+        self.checkpoint_hash = hash_path(ctx.checkpoint)
+        self.token_budget = token_budget
+        self.key_fields = {"model": ctx.model, "checkpoint_hash": self.checkpoint_hash,
+                           "model_options": jsonable(ctx.options), "split": splits.name, "seed": int(seed),
+                           **jsonable(settings)}
+        self.plans = {ds: plan_identity(p) for ds, p in ctx.plans.items()}
+
+    def _key(self, rank: int) -> str:
+        import hashlib
+
+        return hashlib.sha256(_norm({**self.key_fields, "rank": int(rank)}).encode()).hexdigest()
+
+    def folder(self, job: _Job) -> Path:
+        from ._lora_bundle import fit_dir
+
+        return fit_dir(self.out, self.ctx.model, classifier_name(job.rank), job.part.category, job.fold)
+
+    def check(self, jobs: Sequence[_Job]) -> None:
+        """Refuse (before any training) fits saved in ``out`` with other settings, unless ``overwrite``."""
+        from ._lora_bundle import clear_partial, load_lora_bundle
+
+        other = []
+        for job in jobs:
+            folder = self.folder(job)
+            clear_partial(folder.parent)  # a killed run's half-written fit
+            if (folder / "bundle.json").exists() and not self.overwrite:
+                meta = load_lora_bundle(folder).meta
+                if meta.get("run_key") != self._key(job.rank):
+                    other.append(str(folder))
+        if other:
+            raise ScdmError(f"{str(self.out)!r} holds LoRA fits made with other settings or data ({other[0]}"
+                            f"{f' and {len(other) - 1} more' if len(other) > 1 else ''}), so this run cannot resume them",
+                            "re-run with the same settings to resume, pass --overwrite to retrain them, or "
+                            "choose another --out")
+
+    def finished(self, job: _Job) -> tuple[np.ndarray, dict[str, Any], list[float]] | None:
+        """(test P(sensitive), telemetry, losses) of a finished fit of this run, else ``None``."""
+        from ._lora_bundle import load_lora_bundle
+
+        folder = self.folder(job)
+        if self.overwrite or not (folder / "bundle.json").exists():
+            return None
+        b = load_lora_bundle(folder)
+        if job.fold is None:
+            return np.empty(0), b.meta["telemetry"], b.meta["train_loss"]
+        saved = b.test_proba()
+        if saved is None or not np.array_equal(saved[0], job.test):
+            return None
+        return saved[1], b.meta["telemetry"], b.meta["train_loss"]
+
+    def save(self, job: _Job, fit: _Fit, *, seed: int, telemetry: dict[str, Any]) -> Path:
+        from ._lora_bundle import save_lora_bundle
+
+        ctx, st = self.ctx, self.key_fields
+        prov_layer, prov_gene_key = ctx.read_as
+        meta = {
+            "model": ctx.model, "classifier": classifier_name(job.rank), "checkpoint": str(ctx.checkpoint),
+            "checkpoint_hash": self.checkpoint_hash, "model_options": jsonable(ctx.options),
+            "settings": jsonable(ctx.adapter.settings()), "dim": int(ctx.adapter.dim),
+            "layer": prov_layer, "gene_key": prov_gene_key, "gene_plans": self.plans,
+            "lora": {"r": int(job.rank), "alpha": st["alpha"], "dropout": st["dropout"], "targets": st["targets"]},
+            "head": {"kind": st["head"], "layers": [ctx.adapter.dim, *(_MLP_HIDDEN if st["head"] == "mlp" else ()), 2]},
+            "training": {k: st[k] for k in ("epochs", "lr", "batch_size", "grad_accum", "bf16")}
+            | {"token_budget": self.token_budget, "seed": int(seed), "run_seed": st["seed"]},
+            "partition": {"split": self.splits.name, "category": job.part.category,
+                          "fold": job.fold, "name": job.part.name if job.fold is not None else "final",
+                          "n_train": int(len(job.train)), "n_test": int(len(job.test))},
+            "train_loss": [float(x) for x in fit.losses], "telemetry": telemetry,
+            "run_key": self._key(job.rank), "run_settings": {**st, "rank": int(job.rank)},
+        }
+        return save_lora_bundle(self.folder(job), net=fit.net, head=fit.head, meta=meta,
+                                proba=fit.proba if job.fold is not None else None,
+                                test=job.test if job.fold is not None else None)
 
 
 # -- public API -----------------------------------------------------------------------------
@@ -462,9 +674,13 @@ def run_lora(
     targets: Sequence[str] | None = None,
     head: Literal["mlp", "linear"] = "mlp",
     grad_accum: int = 1,
+    bf16: bool | None = None,
+    gradient_checkpointing: bool = False,
     max_partitions: int | None = None,
     device: str = "auto",
     out: str | Path | None = None,
+    final: bool = False,
+    overwrite: bool = False,
     progress: bool = False,
     trust_checkpoint: bool = False,
 ) -> pd.DataFrame:
@@ -488,15 +704,27 @@ def run_lora(
     gradients add up to the batch's. ``dropout`` is the LoRA dropout (0 makes training
     independent of how a batch is split). Seeded per partition: the same ``seed`` gives the
     same rows (on the same device). ``max_partitions`` keeps only the first partitions (quick runs).
+    ``bf16`` runs the forward under bf16 autocast (float32 master weights, head and loss;
+    default: on CUDA yes, on CPU no); ``gradient_checkpointing`` recomputes activations in
+    the backward pass (less memory, same gradients; refused for networks it cannot checkpoint).
 
-    Returns one row per partition and rank, columns :data:`RESULT_COLUMNS`, ``classifier="lora-r{rank}"``;
-    ``results.attrs["lora"]`` records every training setting.
+    Saving and resume (with ``out``): every fit is saved as a LoRA bundle (peft adapter, head,
+    manifest; :mod:`scdm_eval._lora_bundle`) in ``out/lora/<model>/lora-r<rank>/<category>/fold-<K>``,
+    the moment it finishes; a run that is killed and started again with the same settings
+    loads the finished fits and trains only the others. ``final`` adds, per category and rank,
+    a fit on all the category's cells (``.../<category>/final``; no score). Fits saved with
+    other settings are refused, unless ``overwrite`` (which also retrains finished fits).
+
+    Returns one row per partition and rank, columns :data:`RESULT_COLUMNS` then
+    :data:`TELEMETRY_COLUMNS` (``wall_s`` of the fit, training ``cells_per_s`` (cells x epochs /
+    training seconds), the process's ``peak_rss_mb``, ``peak_gpu_mb`` on CUDA, ``device``),
+    ``classifier="lora-r{rank}"``; ``results.attrs["lora"]`` records every training setting.
     With ``out``: ``lora_results.parquet/.csv``, ``lora_summary.csv/.md``, and, when
     ``results.parquet`` of ``scdm-eval run`` on the same split is there,
     ``combined_summary.csv/.md`` over both.
     """
     st = open_store(store)
-    _check_neural(model)
+    check_neural(model)
     for name, val, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1)):
         if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < low:
             raise ScdmError(f"{name} must be an integer >= {low} (got {val!r})", f"pass e.g. {name}=3")
@@ -528,7 +756,15 @@ def run_lora(
                             "pass e.g. --targets query --targets value, or leave it out for the paper's defaults")
     if max_partitions is not None and (not isinstance(max_partitions, (int, np.integer)) or max_partitions < 1):
         raise ScdmError(f"max_partitions must be an integer >= 1 (got {max_partitions!r})", "pass e.g. max_partitions=2, or leave it out")
+    for name, val in (("gradient_checkpointing", gradient_checkpointing), ("final", final),
+                      ("overwrite", overwrite)):
+        if not isinstance(val, bool):
+            raise ScdmError(f"{name} must be True or False (got {val!r})", f"pass {name}=True or leave it out")
+    if final and out is None:
+        raise ScdmError("final=True saves a fit per category, but no out= folder is given",
+                        "pass out=FOLDER (--out) with --final")
     dev = resolve_device(device)
+    use_bf16 = _check_bf16(bf16, dev)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LeakageWarning)
@@ -542,37 +778,63 @@ def run_lora(
     ctx = _prepare_context(st, splits.table.index, model=model, checkpoint=checkpoint, input=input,
                            model_options=model_options, device=dev, trust_checkpoint=trust_checkpoint,
                            targets=targets)
+    if gradient_checkpointing and not supports_gradient_checkpointing(ctx.base):
+        enable_gradient_checkpointing(copy.deepcopy(ctx.base), name=model)  # raises: not supported
     y = splits.table["label"].to_numpy().astype(np.int64)
     parts: list[Partition] = list(splits)
     if max_partitions is not None:
         parts = parts[:max_partitions]
-    rows, log_rows, blocks = [], [], []
+    settings = {"epochs": int(epochs), "lr": float(lr), "batch_size": int(batch_size), "grad_accum": int(grad_accum),
+                "alpha": float(alpha),
+                "dropout": float(dropout), "targets": list(ctx.targets), "head": head, "bf16": use_bf16}
+    budget = _runner(ctx, batch_size, token_budget).token_budget
+    jobs = [_Job(part, r, part.fold, part.train, part.test) for part in parts for r in ranks]
+    if final:
+        for cat in dict.fromkeys(p.category for p in splits):
+            cells = np.unique(np.concatenate([np.concatenate([p.train, p.test]) for p in splits if p.category == cat]))
+            jobs += [_Job(next(p for p in splits if p.category == cat), r, None, cells, cells[:0]) for r in ranks]
+    saver = None if out is None else _Saver(Path(out), ctx, splits, settings, seed=seed, token_budget=budget,
+                                            overwrite=overwrite)
+    if saver is not None:
+        saver.check(jobs)  # before any training: fits saved with other settings are refused
+    rows, log_rows, blocks, saved, resumed = [], [], [], [], 0
     with contextlib.ExitStack() as stack:
-        advance = lambda: None  # noqa: E731
-        if progress:
-            from rich.progress import Progress
-
-            bar = stack.enter_context(Progress(transient=True))
-            task = bar.add_task(f"LoRA {model} on {dev.type}", total=len(parts) * len(ranks))
-            advance = lambda: bar.advance(task)  # noqa: E731
-        for part in parts:
-            s = _task_seed(seed, part.category, part.fold)
-            for r in ranks:  # every rank: the same partition, the same seed
-                name = classifier_name(r)
-                fit = _fit_partition(ctx, y, part.train, part.test, seed=s, epochs=epochs, lr=lr,
-                                     batch_size=batch_size, token_budget=token_budget, r=r, alpha=alpha,
-                                     dropout=float(dropout), head=head, grad_accum=int(grad_accum))
-                rows.append(_row(model, splits, part, name, compute_metrics(y[part.test], fit.proba), y, seed))
-                blocks.append((model, part, name, fit.proba))
-                log_rows.append({"category": part.category, "fold": part.fold, "partition": part.name, "rank": r,
-                                 "classifier": name, "train_loss": [round(x, 6) for x in fit.losses],
-                                 "seconds": round(fit.seconds, 3)})
-                log.info("LoRA %s r%d %s/%s: loss %s, %.1f s", model, r, part.category, part.name, fit.losses,
-                         fit.seconds)
+        bar = _Bar(stack, progress, f"LoRA {model} on {dev.type}{' bf16' if use_bf16 else ''}", len(jobs))
+        for job in jobs:
+            name = classifier_name(job.rank)
+            s = _task_seed(seed, job.part.category, job.fold) if job.fold is not None else \
+                _task_seed(seed, f"{job.part.category}/final", 0)
+            done = saver.finished(job) if saver is not None else None
+            if done is not None:
+                proba, tele, losses = done
+                resumed += 1
+            else:
+                bar.start_fit(f"{name} {job.part.category}/{'final' if job.fold is None else job.part.name}",
+                              len(job.train) * epochs, epochs)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                fit = _fit_partition(ctx, y, job.train, job.test, seed=s, epochs=epochs, lr=lr,
+                                     batch_size=batch_size, token_budget=token_budget, r=job.rank, alpha=alpha,
+                                     dropout=float(dropout), head=head, grad_accum=int(grad_accum), bf16=use_bf16,
+                                     gradient_checkpointing=gradient_checkpointing, on_step=bar.step)
+                proba, losses = fit.proba, fit.losses
+                tele = _telemetry(fit, dev)
+                if saver is not None:
+                    saved.append(str(saver.save(job, fit, seed=s, telemetry=tele)))
+                log.info("LoRA %s r%d %s/%s: loss %s, %.1f s", model, job.rank, job.part.category, job.part.name,
+                         fit.losses, fit.seconds)
                 del fit
-                advance()
-    results = pd.DataFrame(rows, columns=list(RESULT_COLUMNS)).astype({"fold": np.int64, "seed": np.int64,
-                                                                       "leak_prone": bool})
+            if job.fold is not None:
+                metrics = compute_metrics(y[job.test], proba)
+                rows.append({**_row(model, splits, job.part, name, metrics, y, seed), **tele})
+                blocks.append((model, job.part, name, proba))
+            log_rows.append({"category": job.part.category, "fold": job.fold, "partition": job.part.name if
+                             job.fold is not None else "final", "rank": job.rank, "classifier": name,
+                             "train_loss": [round(x, 6) for x in losses], "seconds": tele["wall_s"],
+                             "resumed": done is not None})
+            bar.fit_done()
+    results = pd.DataFrame(rows, columns=[*RESULT_COLUMNS, *TELEMETRY_COLUMNS]).astype(
+        {"fold": np.int64, "seed": np.int64, "leak_prone": bool})
     results.attrs.update({
         "split": splits.name, "skipped": splits.skipped.to_dict("records"), "warnings": notes,
         "params": {**splits.params, "models": [model], "classifiers": [classifier_name(r) for r in ranks],
@@ -581,8 +843,10 @@ def run_lora(
                  "dropout": float(dropout), "targets": list(ctx.targets), "head": head,
                  "head_layers": [ctx.adapter.dim, *(_MLP_HIDDEN if head == "mlp" else ()), 2],
                  "epochs": epochs, "lr": lr, "batch_size": batch_size, "grad_accum": int(grad_accum), "seed": seed,
-                 "token_budget": _runner(ctx, batch_size, token_budget).token_budget, "device": str(dev), "autocast": "bfloat16" if dev.type == "cuda" else None,
-                 "partitions_run": len(parts), "partitions_total": len(splits),
+                 "token_budget": budget, "device": str(dev), "autocast": "bfloat16" if use_bf16 else None,
+                 "bf16": use_bf16, "gradient_checkpointing": gradient_checkpointing,
+                 "partitions_run": len(parts), "partitions_total": len(splits), "resumed": resumed,
+                 "saved": saved, "bundles": None if out is None else str(Path(out) / "lora" / model),
                  "settings_diff": ctx.settings_diff, "fits": log_rows},
     })
     if out is not None:
@@ -646,4 +910,5 @@ def write_lora_report(results: pd.DataFrame, out: str | Path, *, predictions: pd
     return paths
 
 
-__all__ = ["CLASSIFIER", "HEADS", "LoraSettingsWarning", "classifier_name", "run_lora", "write_lora_report"]
+__all__ = ["CLASSIFIER", "HEADS", "TELEMETRY_COLUMNS", "LoraSettingsWarning", "build_adapter", "check_neural",
+           "classifier_name", "make_head", "run_lora", "write_lora_report"]

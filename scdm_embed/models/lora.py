@@ -80,3 +80,138 @@ def lora_modules(model: torch.nn.Module) -> dict[str, Any]:
     from peft.tuners.lora import LoraLayer
 
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+# -- gradient checkpointing --------------------------------------------------------------------
+def checkpoint_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated encoder blocks of ``model``: the items of every ``nn.ModuleList`` of one block
+    type (nested lists, as the Performer's ``[attention, feed-forward]`` pairs, are entered), outermost
+    first; a block inside another is not listed again."""
+    blocks: list[torch.nn.Module] = []
+
+    def visit(m: torch.nn.Module, inside: bool) -> None:
+        for child in m.children():
+            if isinstance(child, torch.nn.ModuleList) and len(child):
+                items = list(child)
+                if all(isinstance(i, torch.nn.ModuleList) for i in items):
+                    for inner in items:  # e.g. Performer: layers[i] = [PreNorm(attn), PreNorm(ff)]
+                        for block in inner:
+                            if not inside and any(True for _ in block.parameters()):
+                                blocks.append(block)
+                            visit(block, True)
+                    continue
+                same = len({type(i) for i in items}) == 1 and any(True for _ in items[0].parameters())
+                for block in items:
+                    if same and not inside:
+                        blocks.append(block)
+                    visit(block, inside or same)
+                continue
+            visit(child, inside)
+
+    visit(model, False)
+    return blocks
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "supports_gradient_checkpointing", False)) and hasattr(
+        model, "gradient_checkpointing_enable")
+
+
+def supports_gradient_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether :func:`enable_gradient_checkpointing` can checkpoint ``model``."""
+    return _is_hf(model) or bool(checkpoint_blocks(model))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, *, name: str = "the model") -> str:
+    """Recompute activations in the backward pass instead of keeping them (less memory, ~1/3 more compute).
+
+    A Hugging Face model uses its own ``gradient_checkpointing_enable`` (non-reentrant); its
+    checkpointed layers are flagged as training (they checkpoint only then) while every other
+    module keeps its mode (so base dropout stays off). Other networks get
+    ``torch.utils.checkpoint`` (non-reentrant, RNG state kept: LoRA dropout masks replay exactly)
+    around each encoder block (:func:`checkpoint_blocks`). Returns ``"hf"`` or ``"blocks"``;
+    raises :class:`ScdmError` where neither applies.
+    """
+    import warnings
+
+    if _is_hf(model):
+        kwargs = {"use_reentrant": False}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers 5 renames it activation_checkpointing
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+                  and m is not model]
+        for m in layers:
+            m.training = True  # HF checkpoints a layer only in training mode; its children keep theirs
+        if layers:
+            return "hf"
+    blocks = checkpoint_blocks(model)
+    if not blocks:
+        raise ScdmError(f"gradient checkpointing is not supported for {name}: its network has no repeated "
+                        "encoder blocks to checkpoint", "drop --gradient-checkpointing (lower --token-budget "
+                        "or --batch-size to save memory instead)")
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    return "blocks"
+
+
+# -- saving and loading adapters ---------------------------------------------------------------
+#: the PEFT adapter files (``PeftModel.save_pretrained`` names them so)
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def save_adapter(model: torch.nn.Module, folder: Any) -> list[str]:
+    """Write ``model``'s LoRA adapter as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].save_pretrained(str(folder))
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(folder / ADAPTER_WEIGHTS))
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
+def load_adapter(adapter: Adapter, folder: Any) -> torch.nn.Module:
+    """Inject the saved LoRA adapter of ``folder`` into ``adapter``'s loaded model (in place; eval mode)."""
+    from pathlib import Path
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg = LoraConfig.from_pretrained(str(folder))
+    model = adapter.torch_module()
+    if model is None:
+        raise ScdmError(f"model {adapter.name!r} has no neural network for a LoRA adapter", "load a transformer model")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*", category=UserWarning)
+        model = inject_adapter_in_model(cfg, model)
+    state = load_file(str(folder / ADAPTER_WEIGHTS), device=str(next(model.parameters()).device))
+    res = set_peft_model_state_dict(model, state)
+    missing = [k for k in res.missing_keys if "lora_" in k]
+    if missing or res.unexpected_keys:
+        raise ScdmError(f"the saved LoRA adapter does not fit {adapter.name!r} (missing {missing[:3]}, unexpected "
+                        f"{list(res.unexpected_keys)[:3]})", "use the base checkpoint and options it was trained on")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    adapter.model = model
+    return model
