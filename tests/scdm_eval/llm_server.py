@@ -1,0 +1,26 @@
+"""A real local chat server for the LLM-stage tests: SmolLM2-135M-Instruct on llama.cpp, 127.0.0.1.
+
+Skips (with the reason) only when ``llama_cpp`` cannot be imported; everything else is real:
+``python -m llama_cpp.server`` on a free port, waited for on ``/v1/models``, stopped after.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+
+import pytest
+
+from scdm_eval._llm_server import LocalLLMServer
+
+
+def llama_server() -> Iterator[LocalLLMServer]:
+    """Start the server (one thread), yield it, stop it; a test may stop and restart it."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'llama-cpp-python[server]'): "
+                    "the LLM stage is tested against a real local model only")
+    srv = LocalLLMServer(threads=1).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
