@@ -21,6 +21,8 @@ _LAZY = {
     "Runner": ".runner",
     "ExtractionResult": "._engine",
     "extract": "._engine",
+    "finalize": "._shard",
+    "extract_on_dask": "._dask",
     "GeneTable": ".genes",
     "ensembl_to_symbols": ".genes",
     "symbols_to_ensembl": ".genes",

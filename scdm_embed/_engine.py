@@ -12,7 +12,7 @@ import logging
 import resource
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,7 @@ def extract(
     allow_single_class: bool = False,
     shard: Shard | tuple[int, int] | str | None = None,
     qc: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ExtractionResult:
     """Compute ``model``'s embeddings of every cell of ``input`` into ``store`` (once).
 
@@ -110,7 +111,7 @@ def extract(
     same store as the other shards, concurrently (see :mod:`scdm_embed._shard`); the shard that
     finds every chunk done marks the array complete. With a shard, ``overwrite`` replaces an array
     or dataset of another input or settings but resumes one of the same (shards never delete each
-    other's chunks).
+    other's chunks). ``on_progress(done_cells, total_cells)`` is called after each chunk written.
     """
     shard = as_shard(shard)
     where = store_location(store)
@@ -147,7 +148,8 @@ def extract(
         return _run_extraction(data, adapter, model=model, store=store, dataset=dataset, batch_size=batch_size,
                         token_budget=token_budget, chunk_size=chunk_size, device=device, dtype=dtype,
                         store_dtype=store_dtype, min_overlap=min_overlap, reference=reference, overwrite=overwrite,
-                        progress=progress, shard=shard, qc=None if qc_report is None else qc_report.to_dict())
+                        progress=progress, shard=shard, qc=None if qc_report is None else qc_report.to_dict(),
+                        on_progress=on_progress)
     finally:
         if data is not input or qc_report is not None:  # we opened it
             data.close()
@@ -156,15 +158,17 @@ def extract(
 def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: str | Path, dataset: str | None,
              batch_size: int | None, token_budget: int | None, chunk_size: int, device: str, dtype: str,
              store_dtype: str, min_overlap: float, reference: str | Path | None, overwrite: bool,
-             progress: bool, shard: Shard | None = None, qc: dict[str, Any] | None = None) -> ExtractionResult:
+             progress: bool, shard: Shard | None = None, qc: dict[str, Any] | None = None,
+             on_progress: Callable[[int, int], None] | None = None) -> ExtractionResult:
     """Load the model, decide and write the metadata under the store's lock, then embed the
     chunks still to do (rolling back what this run created when it fails on bad input)."""
     name = dataset or data.path.stem
     stores.check_name(name, "dataset")  # before the name becomes a path
     store_path = Path(store)
     stores.check_store_path(store_path)
-    st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
-    _check_dataset(st_ro, name, data, overwrite)  # early refusal; repeated under the lock
+    if shard is None:  # shards starting together may see a store being created: they check under the lock only
+        st_ro = EmbeddingStore(store_path, mode="r") if (store_path / "zarr.json").exists() else None
+        _check_dataset(st_ro, name, data, overwrite)  # early refusal; repeated under the lock
 
     dev = resolve_device(device)
     tdt = resolve_dtype(dtype, adapter, dev)
@@ -183,12 +187,7 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
             new_reference = _attach_reference(adapter, st_ro, data, reference, overwrite=overwrite)
         plan = adapter.prepare(data.genes)
         overlap = plan.overlap
-        if overlap.coverage < min_overlap:
-            raise InputError(
-                f"model {model!r} and dataset {name!r} barely share genes: the model uses {overlap.n_data_used} of the "
-                f"dataset's {overlap.n_data} genes ({overlap.fraction_used:.1%}) and finds {overlap.n_vocab_in_data} of its "
-                f"{overlap.n_vocab} vocabulary genes ({overlap.fraction_vocab:.1%}), both below --min-overlap {min_overlap:.0%}",
-                "check the gene identifiers (symbols vs Ensembl ids, species; --gene-key), or lower --min-overlap")
+        check_overlap(overlap, model=model, dataset=name, min_overlap=min_overlap)
 
         provenance = _provenance(adapter, model, data, overlap, dev, tdt, chunk_size)
         if not adapter.batch_invariant:
@@ -235,7 +234,8 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
     try:
         with Progress(TextColumn(f"[bold]{model}[/] · {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
                       TimeRemainingColumn(), disable=not progress, transient=False) as bar:
-            task = bar.add_task("embed", total=data.n_cells, completed=data.n_cells - sum(_chunk_len(c, chunk_size, data.n_cells) for c in todo))
+            before = data.n_cells - sum(_chunk_len(c, chunk_size, data.n_cells) for c in todo)  # done by earlier runs
+            task = bar.add_task("embed", total=data.n_cells, completed=before)
             cell_ids = data.cells.index.to_numpy()
             for c in todo:
                 s = c * chunk_size
@@ -247,9 +247,12 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
                     raise RuntimeError(f"{model} produced non-finite embeddings in chunk {c} (rows {s}..{s + X.shape[0] - 1})")
                 st.write_chunk(model, name, c, emb)
                 done_cells += X.shape[0]
+                if on_progress is not None:
+                    on_progress(before + done_cells, data.n_cells)
         seconds = time.perf_counter() - t0
         telemetry = Telemetry(seconds=round(seconds, 3), cells_per_s=round(done_cells / max(seconds, 1e-9), 2),
                               peak_rss_mb=round(_peak_rss_mb(), 1), batch_size=bs, token_budget=token_budget,
+                              n_params=_n_params(adapter),
                               peak_gpu_mb=round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
                               if dev.type == "cuda" else None)
         with stores.store_lock(store_path):
@@ -272,6 +275,22 @@ def _run_extraction(data: InputDataset, adapter: Adapter, *, model: str, store: 
         raise
     return ExtractionResult(model, name, store_path, status, data.n_cells, adapter.dim, len(todo), seconds,
                             telemetry.cells_per_s, overlap.to_dict(), complete=complete, shard=_label(shard))
+
+
+def check_overlap(overlap: GeneOverlap, *, model: str, dataset: str, min_overlap: float = DEFAULT_MIN_OVERLAP) -> None:
+    """Refuse (InputError) a dataset whose genes barely meet the model's (``coverage < min_overlap``)."""
+    if overlap.coverage < min_overlap:
+        raise InputError(
+            f"model {model!r} and dataset {dataset!r} barely share genes: the model uses {overlap.n_data_used} of the "
+            f"dataset's {overlap.n_data} genes ({overlap.fraction_used:.1%}) and finds {overlap.n_vocab_in_data} of its "
+            f"{overlap.n_vocab} vocabulary genes ({overlap.fraction_vocab:.1%}), both below --min-overlap {min_overlap:.0%}",
+            "check the gene identifiers (symbols vs Ensembl ids, species; --gene-key), or lower --min-overlap")
+
+
+def _n_params(adapter: Adapter) -> int | None:
+    """Parameter count of the adapter's network (None without a torch module: pca, hvg)."""
+    module = adapter.torch_module()
+    return int(sum(p.numel() for p in module.parameters())) if isinstance(module, torch.nn.Module) else None
 
 
 def _label(shard: Shard | None) -> str | None:

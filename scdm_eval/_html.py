@@ -89,12 +89,16 @@ def compute_table(store: Any) -> pd.DataFrame:
     for e in st.entries():
         a = e.attrs
         t = a.get("telemetry") or {}
-        params = a.get("n_params", a.get("parameters"))
+        params = t.get("n_params", a.get("n_params", a.get("parameters")))  # telemetry; None for pca/hvg
         rows.append({"model": e.model, "dataset": e.dataset, "parameters": params, "dim": e.dim, "cells": e.n_cells,
                      "cells_per_s": t.get("cells_per_s"), "peak_rss_mb": t.get("peak_rss_mb"),
                      "peak_gpu_mb": t.get("peak_gpu_mb"), "device": a.get("device"), "wall_s": t.get("seconds"),
                      "batch_size": t.get("batch_size")})
-    return pd.DataFrame(rows, columns=list(COMPUTE_COLUMNS))
+    out = pd.DataFrame(rows, columns=list(COMPUTE_COLUMNS))
+    # ints (or None), not floats with NaN: shown as 22,713,216 / n/a
+    out["parameters"] = pd.Series([None if r["parameters"] is None else int(r["parameters"]) for r in rows],
+                                  index=out.index, dtype=object)
+    return out
 
 
 def recommend(results: pd.DataFrame, *, metric: str = "auroc", alpha: float = ALPHA) -> pd.DataFrame:

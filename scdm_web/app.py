@@ -39,7 +39,7 @@ from scdm_eval._metrics import LOWER_IS_BETTER, METRICS
 from scdm_eval._report import summarize
 
 from .db import Database, Job, Upload
-from .jobs import JobRunner
+from .jobs import CHUNK_SIZE, JobRunner, check_gene_overlap, read_upload
 from .templates import environment
 
 #: default upload limit (MB)
@@ -60,6 +60,8 @@ class Settings:
     token: str | None = None
     max_upload_mb: float = MAX_UPLOAD_MB
     max_umap_cells: int = UMAP_MAX_CELLS
+    #: cells per extraction chunk of a job (its progress moves per chunk), as ``scdm-embed extract --chunk-size``
+    chunk_size: int = CHUNK_SIZE
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,7 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
     state = _State(s)
     env = environment()
     runner = JobRunner(db, store=s.store, uploads=dirs["uploads"], outputs=dirs["outputs"], scratch=dirs["scratch"],
-                       bundles={})
+                       bundles={}, chunk_size=s.chunk_size)
     runner.recover()
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -291,7 +293,7 @@ def create_app(settings: Settings) -> FastAPI:
                     fh.write(chunk)
             if size == 0:
                 raise ScdmError("the uploaded file is empty", "choose an .h5ad file with cells")
-            info = await run_in_threadpool(_validate, part, b["model"])
+            info = await run_in_threadpool(_validate, part, b["model"], b["path"], s.store)
         except ScdmError as e:
             part.unlink(missing_ok=True)
             return _form_error(413 if "limit" in e.problem else 400, e.problem, e.fix or "")
@@ -365,26 +367,23 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _validate(path: Path, model: str) -> tuple[int, int]:
-    """Open the upload like ``scdm-embed extract`` does: an AnnData with cells, genes and usable values."""
+def _validate(path: Path, model: str, bundle: Path, store: Path) -> tuple[int, int]:
+    """Open the upload like ``scdm-embed extract`` does: an AnnData with cells, genes and usable values,
+    whose genes meet what the bundle's model needs (the extractor's overlap check)."""
     import h5py
-
-    from scdm_embed.inputs import read_input
-    from scdm_embed.models import get_adapter
 
     if not h5py.is_hdf5(path):
         raise ScdmError("the uploaded file is not an AnnData .h5ad (not an HDF5 file)",
                         "save the cells with adata.write_h5ad('cells.h5ad') and upload that file")
-    adapter = get_adapter(model)
     try:
-        data = read_input(path, require_labels=False, require_counts=bool(getattr(adapter, "needs_counts", True)),
-                          allow_single_class=True)
+        data = read_upload(path, model)
     except ScdmError as e:
         raise ScdmError(e.problem.replace(path.name, "the upload"), e.fix) from None
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise ScdmError(f"the uploaded file is not a readable AnnData .h5ad ({type(e).__name__})",
                         "save the cells with adata.write_h5ad('cells.h5ad') and upload that file") from None
     try:
+        check_gene_overlap(data, bundle, store)
         return data.n_cells, data.n_genes
     finally:
         data.close()

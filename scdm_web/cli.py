@@ -31,6 +31,7 @@ def serve(
     bundles: Annotated[Path | None, typer.Option(help="Folder searched for classifier bundles (`scdm-eval fit --out`) [default: --results].")] = None,
     work: Annotated[Path | None, typer.Option(help="Folder for uploads, outputs and the SQLite DB [default: ~/.cache/scdm/web].")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (MB).")] = 500.0,
+    chunk_size: Annotated[int, typer.Option(help="Cells per extraction chunk of a prediction job (its progress moves per chunk).")] = 1024,
 ) -> None:
     """Serve the web app: datasets and models, leaderboard, figures, upload an .h5ad -> per-cell predictions."""
     import uvicorn
@@ -43,6 +44,8 @@ def serve(
         raise ScdmError(f"--port {port} is not a TCP port", "pass --port between 1 and 65535")
     if max_upload_mb <= 0:
         raise ScdmError(f"--max-upload-mb {max_upload_mb:g} must be positive", "pass e.g. --max-upload-mb 500")
+    if chunk_size < 1:
+        raise ScdmError(f"--chunk-size {chunk_size} must be at least 1", "pass e.g. --chunk-size 1024")
     if bundles is not None and not bundles.is_dir():
         raise ScdmError(f"--bundles {str(bundles)!r} is not a folder", "pass the folder that holds `scdm-eval fit` bundles")
     if token is not None and len(token) < 8:
@@ -50,7 +53,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         console.print(f"[bold yellow]warning:[/] binding {host} without --token: anyone who reaches it can upload")
     settings = Settings(store=store, results=results, work=work or _default_work(), db=db, bundles=bundles,
-                        token=token, max_upload_mb=max_upload_mb)
+                        token=token, max_upload_mb=max_upload_mb, chunk_size=chunk_size)
     web = create_app(settings)
     console.print(f"scdm-web on http://{host}:{port}/ (store {store}, results {results}, files in {settings.work})")
     uvicorn.run(web, host=host, port=port, log_level="warning")

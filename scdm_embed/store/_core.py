@@ -90,6 +90,20 @@ def cells_hash(cells: pd.DataFrame) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def store_location(path: str | Path) -> Path | str:
+    """A local store path, or the fsspec URL a store path names (``s3://``, ``gs://``, ``memory://``, ...).
+
+    ``file://`` URLs are local paths. A URL passed through :class:`~pathlib.Path` (``s3:/b/k``, as
+    a CLI option typed ``Path`` makes it) is read as the URL it was.
+    """
+    text = str(path)
+    scheme, sep, rest = text.partition(":/")
+    if not sep or len(scheme) < 2 or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return Path(path)  # a local path (a one-letter "scheme" is a Windows drive)
+    rest = rest.lstrip("/")
+    return Path("/" + rest) if scheme.lower() == "file" else f"{scheme}://{rest}"
+
+
 def check_store_path(path: str | Path) -> None:
     """Refuse a store path that is a file, lies under a file, or is a folder of other things."""
     path = Path(path)
@@ -256,7 +270,11 @@ class EmbeddingStore:
     """
 
     def __init__(self, path: str | Path = DEFAULT_STORE, *, mode: str = "r") -> None:
-        self.path = Path(path)
+        where = store_location(path)
+        if isinstance(where, str):  # an fsspec URL: read-only (writes stage and rename, and lock, locally)
+            self._open_url(where, mode)
+            return
+        self.path = where
         self.mode = mode
         check_store_path(self.path)
         if mode == "r":
@@ -282,6 +300,18 @@ class EmbeddingStore:
                     _stamp(self.root.create_group(name), kind)
         except OSError as e:
             raise store_os_error(e, self.path) from None
+
+    def _open_url(self, url: str, mode: str) -> None:
+        """Open the store at an fsspec URL for reading (``self.path`` is then the URL string)."""
+        self.path, self.mode = url, "r"  # type: ignore[assignment]
+        if mode != "r":
+            raise OSError(errno.EROFS, "scdm writes only local stores (an fsspec URL store is read-only)", url)
+        try:
+            self.root = zarr.open_group(url, mode="r")
+        except (OSError, ValueError, KeyError) as e:  # GroupNotFoundError is a FileNotFoundError
+            raise StoreError(f"no scdm store at {url!r} ({type(e).__name__})",
+                             "check the URL and its credentials (fsspec reads them from the environment)") from None
+        self._check_format(write=False)
 
     def _check_format(self, *, write: bool) -> None:
         """Refuse what is not an scdm store or is of another major format; to write, an older one too."""
@@ -519,7 +549,12 @@ class EmbeddingStore:
             x = g["X"]
             check_element(x.attrs, "array", f"embeddings/{model}/{ds}/X in {str(self.path)!r}")
             if X is None:
-                X = np.empty((len(table), x.shape[1]), dtype=np.float32)
+                X, first = np.empty((len(table), x.shape[1]), dtype=np.float32), ds
+            elif x.shape[1] != X.shape[1]:
+                raise StoreError(f"model {model!r} has {X.shape[1]}-d embeddings for dataset {first!r} but "
+                                 f"{x.shape[1]}-d for {ds!r}: they were not made by the same network or reference",
+                                 f"re-extract {ds!r} (or {first!r}) with `scdm-embed extract ... --model {model} "
+                                 f"--dataset NAME --overwrite` so that every dataset uses the same one")
             where = np.flatnonzero(ds_col == ds)
             try:
                 if len(where):

@@ -207,7 +207,7 @@ class Telemetry(Record):
     """What the engine measured over an extraction (``telemetry`` of an embedding group)."""
 
     KIND: ClassVar[str] = "telemetry"
-    OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"peak_gpu_mb"})
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"peak_gpu_mb", "n_params"})
 
     seconds: float
     cells_per_s: float
@@ -216,6 +216,8 @@ class Telemetry(Record):
     token_budget: int | None = None
     #: only on CUDA
     peak_gpu_mb: float | None = None
+    #: parameters of the adapter's network (None: no torch module, e.g. pca/hvg; absent in older stores)
+    n_params: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,3 +145,14 @@ def test_a_truncated_or_altered_chunk_is_refused(store, damage):
     chunk.write_bytes({"truncated": raw[: len(raw) // 2], "empty": b"", "crc": raw[:-1] + bytes([raw[-1] ^ 1])}[damage])
     with pytest.raises(StoreError, match="damaged"):
         EmbeddingStore(path).load("m", datasets=["a"])
+
+
+def test_datasets_of_one_model_with_different_widths_are_refused(store):
+    """Arrays of one model must share a width to be read together (e.g. two PCA references)."""
+    path, mats = store
+    _rewrite_x(path, "b", np.hstack([mats["b"], mats["b"]]), compressors=(Crc32cCodec(),))
+    st = EmbeddingStore(path)
+    assert st.load("m", datasets=["b"])[0].shape == (N, 2 * DIM)
+    with pytest.raises(StoreError, match="12-d|6-d") as e:
+        st.load("m")
+    assert "damaged" not in str(e.value)

@@ -112,3 +112,43 @@ def test_report_refuses_bad_input(results_dir, tmp_path, case):
     assert_refused(r, word)
     if case != "out-file":
         assert not (tmp_path / "o").exists()
+
+
+def test_report_compute_table_shows_the_network_parameters(results_dir, tmp_path):
+    """`scdm-embed extract` of the tGPT fixture records the network's parameter count in the store
+    telemetry (None for hvg); the report's compute table shows it (n/a for pca, hvg)."""
+    import shutil
+
+    import torch
+
+    from scdm_embed.cli import app as embed
+    from scdm_embed.models import get_adapter
+    from scdm_eval._html import compute_table
+    from tests.conftest import FIXTURES
+
+    src, results = results_dir
+    store = tmp_path / "s.zarr"
+    shutil.copytree(src, store)
+    ckpt = FIXTURES / "tgpt" / "checkpoint"
+    r = runner.invoke(embed, ["extract", str(FIXTURES / "tgpt" / "cells.h5ad"), "--model", "tgpt", "--checkpoint",
+                              str(ckpt), "--dataset", "fx", "--store", str(store), "-q"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(embed, ["extract", str(FIXTURES / "tgpt" / "cells.h5ad"), "--model", "hvg", "--dataset", "fx",
+                              "--store", str(store), "-q"])
+    assert r.exit_code == 0, r.output
+    adapter = get_adapter("tgpt")(ckpt)
+    adapter.load(device=torch.device("cpu"), dtype=torch.float32)
+    want = sum(p.numel() for p in adapter.torch_module().parameters())
+    assert want > 1000
+    st = EmbeddingStore(store)
+    assert st.embedding_group("tgpt", "fx").attrs["telemetry"]["n_params"] == want
+    assert "n_params" not in st.embedding_group("hvg", "fx").attrs["telemetry"]  # no network
+    ct = compute_table(store).set_index(["model", "dataset"])
+    assert ct.loc[("tgpt", "fx"), "parameters"] == want
+    assert ct.loc[("hvg", "fx"), "parameters"] is None and ct.loc[("pca", "cohortA"), "parameters"] is None
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["report", "--results", str(results), "--store", str(store), "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    html = (out / "report.html").read_text(encoding="utf-8")
+    compute = html[html.index('id="compute"'):html.index('id="recommend"')]
+    assert f"{want:,}" in compute and "n/a" in compute

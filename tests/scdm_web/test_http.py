@@ -6,6 +6,7 @@ import csv
 import http.client
 import io
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from scdm_web.app import Settings, create_app
 from tests._cli import assert_refused
 
-from .conftest import N_UPLOAD, wait_job
+from .conftest import N_UPLOAD, start_server, stop_server, wait_job
 
 BUNDLE = "bundles/pca_logreg"
 
@@ -87,14 +88,51 @@ def test_bad_uploads_are_refused_on_the_page(server, client, sample, tmp_path, c
     assert _stored(server) == before  # nothing kept
 
 
-def test_no_gene_overlap_fails_the_job_with_a_message(server, client, sample, tmp_path):
+@pytest.mark.parametrize("bundle", ["bundles/pca_logreg", "bundles/hvg_logreg"])
+def test_no_gene_overlap_is_refused_at_upload(server, client, sample, tmp_path, bundle):
+    """Renamed genes: refused on the page before any job (the extractor's overlap check), nothing kept."""
     a = sample.copy()
     a.var_names = [f"NOTAGENE{i}" for i in range(a.n_vars)]
+    before = _stored(server)
+    n_jobs = len(client.get(f"{server.url}/jobs").text.split("<tr")) - 1
+    r = _post(client, server.url, _h5ad(tmp_path, a), bundle=bundle)
+    assert r.status_code == 400, r.text[:500]
+    text = _error_text(r)
+    assert "barely share genes" in text and "fix:" in text, text
+    assert _stored(server) == before
+    assert len(client.get(f"{server.url}/jobs").text.split("<tr")) - 1 == n_jobs  # no job made
+
+
+def test_partial_gene_overlap_is_accepted(server, client, sample, tmp_path):
+    """Half the genes renamed: above the minimum overlap, so the job runs and predicts every cell."""
+    a = sample.copy()
+    a.var_names = [f"NOTAGENE{i}" if i % 2 else g for i, g in enumerate(a.var_names)]
     j = wait_job(client, server.url, _job_id(_post(client, server.url, _h5ad(tmp_path, a))))
-    assert j["status"] == "failed" and "genes" in j["message"] and j["hint"], j
-    page = client.get(f"{server.url}/jobs/{j['id']}").text
-    assert "barely share genes" in page and "fix:" in page
-    assert client.get(f"{server.url}/jobs/{j['id']}/predictions.csv").status_code == 404
+    assert j["status"] == "done" and j["n_cells"] == N_UPLOAD, j
+
+
+def test_job_progress_moves_per_chunk(web_data, tmp_path, client):
+    """`scdm-web --chunk-size 4`: a 60-cell job's recorded progress passes through the chunks, in order."""
+    srv = start_server(web_data, tmp_path / "work", "--chunk-size", "4")
+    try:
+        job_id = _job_id(_post(client, srv.url, web_data.upload.read_bytes()))
+        seen: list[tuple[float, str]] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            j = client.get(f"{srv.url}/api/jobs/{job_id}").json()
+            seen.append((j["progress"], j["stage"]))
+            if j["status"] in ("done", "failed"):
+                break
+            time.sleep(0.005)
+        assert j["status"] == "done", j
+        values = [p for p, _ in seen]
+        assert values == sorted(values), values  # never goes back
+        chunks = {st for p, st in seen if re.search(r": [1-9]\d* of 60$", st)}
+        assert len(chunks) >= 2, seen  # at least two distinct chunk counts observed between 0 and 1
+        mid = {p for p in values if 0.05 < p < 0.9}
+        assert mid, seen
+    finally:
+        stop_server(srv)
 
 
 def test_path_traversal_in_names_and_parameters(server, client, web_data, tmp_path):
@@ -182,6 +220,7 @@ def test_cli_refuses_bad_options(web_data, tmp_path):
              (["--store", str(web_data.store), "--results", str(web_data.results), "--token", "abc"], "token"),
              (["--store", str(web_data.store), "--results", str(web_data.results), "--db", "nosuchdb://x"], "db"),
              (["--store", str(web_data.store), "--results", str(web_data.results), "--bundles", str(tmp_path / "n")],
-              "bundles")]
+              "bundles"),
+             (["--store", str(web_data.store), "--results", str(web_data.results), "--chunk-size", "0"], "chunk-size")]
     for args, word in cases:
         assert_refused(runner.invoke(app, [*args, "--work", str(tmp_path / "w")]), word)
