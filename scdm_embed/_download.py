@@ -20,7 +20,6 @@ Sources, in order:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, InputError
+from .models.base import sha256_file as _sha256
 
 CATALOGUE = Path(__file__).parent / "models" / "checkpoints.json"
 #: environment variable naming a mirror (same as ``--mirror``)
@@ -114,14 +114,6 @@ def checkpoint_entry(model: str) -> CheckpointEntry:
 
 
 # -- verification ------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for b in iter(lambda: fh.read(_BLOCK), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
 def _check(path: Path, *, size: int | None, sha256: str | None, what: str) -> None:
     """Refuse (and delete) a file whose size or sha256 is not the expected one."""
     got = path.stat().st_size

@@ -15,11 +15,10 @@ cell context, width) equals the one it was trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from scdm_embed.errors import ScdmError, StoreError
+from scdm_embed.models.base import sha256_file as _sha256
 from scdm_embed.store import EmbeddingStore
 
 from ._classifiers import check_classifiers, make_classifier
@@ -45,14 +45,6 @@ PREDICT_COLUMNS: tuple[str, ...] = ("cell_id", "dataset", "study", "sample", "mo
 
 def _norm(v: Any) -> str:
     return json.dumps(v, sort_keys=True, default=str)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _usable(st: EmbeddingStore, model: str) -> list[str]:
@@ -288,32 +280,40 @@ def fit_classifier(
     return load_bundle(out)
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read a bundle folder (checked: format, file list, sha256 of every file; nothing unpickled)."""
-    path = Path(path)
+def read_manifest(path: Path, *, fmt: str, version: Any, allowed: Iterable[str], what: str, hint: str,
+                  recreate: str) -> dict[str, Any]:
+    """The checked ``bundle.json`` of a bundle folder: its format and version, no file it does not
+    list or know (``allowed``), every listed file present with its recorded sha256."""
     meta_path = path / "bundle.json"
     if not meta_path.is_file():
-        raise ScdmError(f"{str(path)!r} is not a classifier bundle (no bundle.json)",
-                        "pass the folder written by `scdm-eval fit --out BUNDLE`")
+        raise ScdmError(f"{str(path)!r} is not a {what} (no bundle.json)", hint)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise ScdmError(f"the bundle's bundle.json cannot be read ({e})", "re-create it with `scdm-eval fit`") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ScdmError(f"{str(meta_path)!r} is not a {FORMAT} file", "pass a folder written by `scdm-eval fit`")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ScdmError(f"the bundle has format version {meta.get('format_version')!r}; this scdm reads {FORMAT_VERSION}",
-                        "re-create it with this version's `scdm-eval fit`")
+        raise ScdmError(f"the {what}'s bundle.json cannot be read ({e})", recreate) from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise ScdmError(f"{str(meta_path)!r} is not a {fmt} file", hint)
+    if meta.get("format_version") != version:
+        raise ScdmError(f"the {what} has format version {meta.get('format_version')!r}; this scdm reads {version}",
+                        recreate)
     files = meta.get("files", {})
     extra = sorted(p.name for p in path.iterdir() if p.name != "bundle.json" and p.name not in files)
-    unknown = sorted(set(files) - set(FILES))
+    unknown = sorted(set(files) - set(allowed))
     if extra or unknown:
-        raise ScdmError(f"the bundle holds files it does not list or know: {extra + unknown}",
-                        "a bundle holds only bundle.json, *.safetensors and model.ubj: re-create it with `scdm-eval fit`")
+        raise ScdmError(f"the {what} holds files it does not list or know: {extra + unknown}", recreate)
     for name, digest in files.items():
         if not (path / name).is_file() or _sha256(path / name) != digest:
-            raise ScdmError(f"the bundle's {name} is missing or changed since it was saved (sha256 differs)",
-                            "re-create the bundle with `scdm-eval fit`")
+            raise ScdmError(f"the {what}'s {name} is missing or changed since it was saved (sha256 differs)", recreate)
+    return meta
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read a bundle folder (checked: format, file list, sha256 of every file; nothing unpickled)."""
+    path = Path(path)
+    meta = read_manifest(path, fmt=FORMAT, version=FORMAT_VERSION, allowed=FILES, what="classifier bundle",
+                         hint="pass the folder written by `scdm-eval fit --out BUNDLE`",
+                         recreate="a bundle holds only bundle.json, *.safetensors and model.ubj: re-create it with "
+                                  "`scdm-eval fit`")
     name = meta.get("classifier")
     check_classifiers([name])
     clf = make_classifier(name, seed=int(meta.get("seed", 0)), **meta.get("settings", {}))

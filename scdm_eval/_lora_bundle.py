@@ -43,20 +43,13 @@ import torch
 
 from scdm_embed.errors import CheckpointError, InputError, ScdmError
 from scdm_embed.models.base import GenePlan
+from scdm_embed.models.base import sha256_file as _sha256
 
 FORMAT = "scdm-lora-bundle"
 FORMAT_VERSION = 1
 #: files a LoRA bundle may hold
 FILES: tuple[str, ...] = ("bundle.json", "adapter_config.json", "adapter_model.safetensors", "head.safetensors",
                           "test_proba.safetensors")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def plan_identity(plan: GenePlan) -> dict[str, Any]:
@@ -162,30 +155,13 @@ class LoraBundle:
 
 def load_lora_bundle(path: str | Path) -> LoraBundle:
     """Read a LoRA bundle (checked: format, file list, sha256 of every file)."""
+    from ._bundle import read_manifest
+
     path = Path(path)
-    meta_path = path / "bundle.json"
-    hint = "pass a fit folder written by `scdm-eval lora --out OUT` (OUT/lora/<model>/<classifier>/<category>/fold-K)"
-    if not meta_path.is_file():
-        raise ScdmError(f"{str(path)!r} is not a LoRA bundle (no bundle.json)", hint)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ScdmError(f"the bundle's bundle.json cannot be read ({e})", "re-run `scdm-eval lora`") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ScdmError(f"{str(meta_path)!r} is not a {FORMAT} file", hint)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ScdmError(f"the LoRA bundle has format version {meta.get('format_version')!r}; this scdm reads "
-                        f"{FORMAT_VERSION}", "re-run `scdm-eval lora` with this version")
-    files = meta.get("files", {})
-    extra = sorted(p.name for p in path.iterdir() if p.name != "bundle.json" and p.name not in files)
-    unknown = sorted(set(files) - set(FILES))
-    if extra or unknown:
-        raise ScdmError(f"the LoRA bundle holds files it does not list or know: {extra + unknown}",
-                        "re-run `scdm-eval lora --overwrite` to re-create it")
-    for name, digest in files.items():
-        if not (path / name).is_file() or _sha256(path / name) != digest:
-            raise ScdmError(f"the LoRA bundle's {name} is missing or changed since it was saved (sha256 differs)",
-                            "re-run `scdm-eval lora --overwrite` to re-create it")
+    meta = read_manifest(path, fmt=FORMAT, version=FORMAT_VERSION, allowed=FILES, what="LoRA bundle",
+                         hint="pass a fit folder written by `scdm-eval lora --out OUT` "
+                              "(OUT/lora/<model>/<classifier>/<category>/fold-K)",
+                         recreate="re-run `scdm-eval lora --overwrite` to re-create it")
     return LoraBundle(path, meta)
 
 
