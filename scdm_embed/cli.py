@@ -321,7 +321,7 @@ def checkpoints(
     if model:
         e = entries[0]
         console.print(f"{e.model}: {e.title}\nsource: {e.where}\nlicence: {e.licence}\n"
-                      f"verified against the live source: {'yes' if e.verified else 'no'}\n{e.notes}")
+                      f"layout cross-checked: {'yes' if e.verified else 'no'}\n{e.notes}")
         t = Table("file in --checkpoint DIR", "at the source", "required", "size", "sha256")
         for f in e.files:
             alt = f" (or {', '.join(f.alternatives)})" if f.alternatives else ""
