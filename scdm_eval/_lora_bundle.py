@@ -19,9 +19,11 @@ Each fit folder is a LoRA bundle::
 A folder is written to a temporary name and renamed when complete, so a folder with
 ``bundle.json`` is a finished fit: a resumed run loads it instead of training again.
 
-``scdm-eval predict --bundle FOLDER --input cells.h5ad`` (:func:`predict_lora`) loads the base
-checkpoint (``--checkpoint``, default the recorded one; refused when its hash differs), injects
-the adapter, embeds the cells through the :class:`~scdm_embed.runner.Runner` and applies the head.
+``scdm-eval predict --bundle FOLDER --input cells.h5ad`` (:func:`predict_lora`), or
+``--store S --dataset D`` (the raw input the store records for D, hash-checked; the store's cell
+ids and labels), loads the base checkpoint (``--checkpoint``, default the recorded one; refused
+when its hash differs; ``--trust-checkpoint`` as for ``scdm-eval lora``), injects the adapter,
+embeds the cells through the :class:`~scdm_embed.runner.Runner` and applies the head.
 Nothing is pickled.
 """
 
@@ -44,6 +46,7 @@ import torch
 from scdm_embed.errors import CheckpointError, InputError, ScdmError
 from scdm_embed.models.base import GenePlan
 from scdm_embed.models.base import sha256_file as _sha256
+from scdm_embed.store import EmbeddingStore, Provenance
 
 FORMAT = "scdm-lora-bundle"
 FORMAT_VERSION = 1
@@ -181,54 +184,92 @@ def _base_checkpoint(b: LoraBundle, checkpoint: str | Path | None) -> Path:
     return ckpt
 
 
+def _store_input(b: LoraBundle, store: str | Path | EmbeddingStore, dataset: str | None,
+                 input: str | Path | None) -> tuple[EmbeddingStore, str, Path, Provenance]:
+    """The store, the dataset, its raw input (``input``, else the recorded one) and how extraction read it."""
+    from ._bundle import check_dataset
+    from ._finetune import _inputs
+    from ._splits import open_store
+
+    st = open_store(store)
+    if dataset is None:
+        raise ScdmError(f"--store needs --dataset: which of its datasets to predict (has: {', '.join(st.datasets())})",
+                        "pass --dataset NAME")
+    check_dataset(st, dataset)
+    path = _inputs(st, [dataset], input)[dataset]
+    rec = st.embedding_record(b.model, dataset)  # read the file as its extraction did, else as the training did
+    prov = rec.provenance if rec is not None else Provenance(input_hash=st.dataset_record(dataset).input_hash,
+                                                            layer=b.meta.get("layer"), gene_key=b.meta.get("gene_key"))
+    return st, dataset, path, prov
+
+
 def predict_lora(
     bundle: str | Path | LoraBundle,
     *,
-    input: str | Path | None,
-    checkpoint: str | Path | None = None,
+    input: str | Path | None = None,
+    store: str | Path | EmbeddingStore | None = None,
     dataset: str | None = None,
+    checkpoint: str | Path | None = None,
     device: str = "auto",
+    trust_checkpoint: bool = False,
     out: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Per-cell P(sensitive) of raw cells (``input``, an .h5ad) with a LoRA bundle.
+    """Per-cell P(sensitive) of raw cells with a LoRA bundle.
 
-    The base model is re-built from ``checkpoint`` (default: the recorded one; its hash must
-    equal the bundle's) with the recorded options, the adapter is injected, the cells are
-    embedded through the Runner (the training's batch size and autocast) and the head gives
-    P(sensitive). Returns the columns of :data:`scdm_eval._bundle.PREDICT_COLUMNS`; with
-    ``out`` (.parquet or .csv), also writes them.
+    The cells: ``input`` (an .h5ad), or ``store`` + ``dataset``: the raw input the dataset was
+    extracted from (``input`` when given, else the path the store records; its content hash must
+    equal the store's), with the store's cell ids and labels. The base model is re-built from
+    ``checkpoint`` (default: the recorded one; its hash must equal the bundle's) with the recorded
+    options (``trust_checkpoint``: unpickle its files in full, as ``lora --trust-checkpoint``), the
+    adapter is injected, the cells are embedded through the Runner (the training's batch size and
+    autocast) and the head gives P(sensitive). Returns the columns of
+    :data:`scdm_eval._bundle.PREDICT_COLUMNS`; with ``out`` (.parquet or .csv), also writes them.
     """
     from scdm_embed.inputs import read_input
     from scdm_embed.models.lora import load_adapter
     from scdm_embed.runner import Runner, resolve_device
 
     from ._bundle import check_predict_out, predictions_frame, write_predictions
-    from ._finetune import build_adapter, check_neural
+    from ._finetune import _read, build_adapter, check_neural
 
     b = bundle if isinstance(bundle, LoraBundle) else load_lora_bundle(bundle)
     check_predict_out(out)
-    if input is None:
-        raise ScdmError("a LoRA bundle predicts raw cells: its base model + adapter embed them",
-                        "pass --input CELLS.h5ad (and --checkpoint BASE when the base checkpoint moved)")
-    if not Path(input).is_file():
-        raise ScdmError(f"--input {str(input)!r} does not exist", "pass an .h5ad file")
     cls = check_neural(b.model)
+    st = None
+    if store is not None:
+        st, name, path, prov = _store_input(b, store, dataset, input)
+    elif input is None:
+        raise ScdmError("a LoRA bundle predicts raw cells: its base model + adapter embed them",
+                        "pass --input CELLS.h5ad, or --store S --dataset D (the dataset's recorded input); "
+                        "--checkpoint BASE when the base checkpoint moved")
+    elif not Path(input).is_file():
+        raise ScdmError(f"--input {str(input)!r} does not exist", "pass an .h5ad file")
+    else:
+        path, name = Path(input), dataset or Path(input).stem
     ckpt = _base_checkpoint(b, checkpoint)
     dev = resolve_device(device)
-    how = {"layer": b.meta.get("layer"), "gene_key": b.meta.get("gene_key"), "require_counts": cls.needs_counts,
-           "allow_duplicate_genes": cls.allows_duplicate_genes, "allow_single_class": True}
-    try:  # labelled cells keep their labels (y_true); unlabelled ones predict all the same
-        data = read_input(input, **how)
-    except InputError:
-        data = read_input(input, require_labels=False, **how)
+    if st is not None:
+        data = _read(st, name, path, cls, prov)
+    else:
+        how = {"layer": b.meta.get("layer"), "gene_key": b.meta.get("gene_key"), "require_counts": cls.needs_counts,
+               "allow_duplicate_genes": cls.allows_duplicate_genes, "allow_single_class": True}
+        try:  # labelled cells keep their labels (y_true); unlabelled ones predict all the same
+            data = read_input(path, **how)
+        except InputError:
+            data = read_input(path, require_labels=False, **how)
     try:
-        adapter = build_adapter(b.model, ckpt, b.meta.get("model_options") or {}, dev)
+        adapter = build_adapter(b.model, ckpt, b.meta.get("model_options") or {}, dev,
+                                trust_checkpoint=trust_checkpoint)
         load_adapter(adapter, b.path)
         plan = adapter.prepare(data.genes)
         tokens: list[dict[str, np.ndarray]] = []
         for s in range(0, data.n_cells, 1024):
             tokens += adapter.tokenize(data.cell_chunk(s, s + 1024), plan)
-        cells = data.cells
+        if st is not None:  # the same file (hash checked): the store's ids and labels, in its order
+            table = st.cells([name])
+        else:
+            table = data.cells.copy()
+            table.index = [f"{name}/{c}" for c in table.index]
     finally:
         data.close()
     train = b.meta["training"]
@@ -239,9 +280,6 @@ def predict_lora(
     emb = torch.from_numpy(runner.embed(tokens)).to(dev)
     with torch.no_grad():
         p = torch.softmax(head(emb).float(), dim=1)[:, 1].cpu().numpy().astype(np.float64)
-    name = dataset or Path(input).stem
-    table = cells.copy()
-    table.index = [f"{name}/{c}" for c in table.index]
     res = predictions_frame(table, name, b.model, b.classifier, p)
     if out is not None:
         write_predictions(res, out)

@@ -19,7 +19,7 @@ official ``openai`` client, on the test cells of the SAME saved splits as ``scdm
 * cost: an on-disk SQLite cache keyed by (model name, messages, parameters), so a re-run or a
   crash costs nothing twice (the endpoint URL is not part of the key); a concurrency limit;
   retries with exponential back-off on 429, 5xx, time-outs and lost connections;
-  ``max_cells``; a dry run (:func:`plan_prompting`) that counts requests and tokens first;
+  ``max_cells`` (a seeded subset stratified by partition and class); a dry run (:func:`plan_prompting`) that counts requests and tokens first;
   token usage per run.
 """
 
@@ -351,6 +351,10 @@ def describe_plan(plan: PromptPlan, *, show: int = 2) -> str:
              f"estimated tokens: ~{e['est_prompt_tokens']} prompt (4 characters per token) + at most "
              f"{e['max_completion_tokens']} completion (max_tokens {plan.params['max_tokens']} per request)",
              f"cache: {plan.params['cache']}"]
+    y = plan.splits.table["label"].to_numpy()
+    per = [f"{p.name} {int((y[p.test] == 1).sum())}/{int((y[p.test] == 0).sum())}" for p in plan.partitions]
+    lines.append("test cells per partition (sensitive/resistant): " + ", ".join(per[:24])
+                 + (f", ... ({len(per) - 24} more)" if len(per) > 24 else ""))
     for i, r in enumerate(plan.requests[:show]):
         lines += ["", f"--- request {i + 1} of {len(plan.requests)} ---"]
         lines += [f"[{m['role']}] {m['content']}" for m in r.messages]
@@ -417,6 +421,50 @@ def _top_by_cell(cells: pd.DataFrame, keys: np.ndarray, data_by_ds: Mapping[str,
         raise ScdmError(f"{len(empty)} cells have no expressed gene with a symbol (e.g. {empty[0]!r})",
                         "check the input's gene names (var_names or the extraction's --gene-key)")
     return out  # type: ignore[return-value]
+
+
+def stratified_subset(partitions: Sequence[Partition], y: np.ndarray, max_cells: int, *, seed: int = 0
+                      ) -> np.ndarray:
+    """At most ``max_cells`` test cells (sorted split-table positions), stratified by (partition, class).
+
+    Every (partition, class) stratum with test cells first gets one cell, as far as the cap allows
+    (one stratum of each partition, in a seeded order, before a second one of any); the rest of the
+    cap is shared in proportion to the strata's sizes (largest remainder, never above a stratum's
+    size); each stratum's cells are a seeded random draw. The same inputs and ``seed`` give the
+    same cells.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y)
+    strata: list[np.ndarray] = []  # test positions of one (partition, class)
+    rounds: list[list[int]] = []   # rounds[r]: the r-th stratum of each partition (seeded class order)
+    for p in [partitions[i] for i in rng.permutation(len(partitions))]:
+        test = np.unique(np.asarray(p.test, dtype=np.int64))
+        classes = np.unique(y[test])
+        for r, c in enumerate(classes[rng.permutation(len(classes))]):
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(len(strata))
+            strata.append(test[y[test] == c])
+    size = np.array([len(s) for s in strata], dtype=np.int64)
+    quota = np.zeros(len(strata), dtype=np.int64)
+    budget = min(int(max_cells), int(size.sum()))
+    for s in (s for rnd in rounds for s in rnd):
+        if budget == 0:
+            break
+        quota[s], budget = 1, budget - 1
+    if budget > 0:  # the rest in proportion to size (Hamilton's largest remainder), capped by size
+        while budget > 0:
+            room = size - quota
+            share = budget * np.where(room > 0, size, 0) / size[room > 0].sum()
+            add = np.minimum(np.floor(share).astype(np.int64), room)
+            if add.sum() == 0:  # fewer cells left than strata with room: the largest remainders
+                order = np.lexsort((np.arange(len(strata)), -(share - np.floor(share))))
+                add = np.zeros_like(quota)
+                add[[s for s in order if room[s] > 0][:budget]] = 1
+            quota += add
+            budget -= int(add.sum())
+    picked = [rng.choice(s, size=q, replace=False) for s, q in zip(strata, quota, strict=True) if q]
+    return np.unique(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
 
 
 def _input_only(input: str | Path, scheme: str, by: str, folds: int, group_key: str | None, seed: int,
@@ -501,8 +549,16 @@ def plan_prompting(
     parts = list(splits)
     tested = np.concatenate([p.test for p in parts]) if parts else np.empty(0, dtype=np.int64)
     if max_cells is not None and max_cells < len(tested):
-        pick = np.sort(np.random.default_rng(seed).choice(tested, size=max_cells, replace=False))
-        parts = [q for q in (replace(p, test=p.test[np.isin(p.test, pick)]) for p in parts) if len(q.test)]
+        pick = stratified_subset(parts, splits.table["label"].to_numpy(), max_cells, seed=seed)
+        kept = [replace(p, test=p.test[np.isin(p.test, pick)]) for p in parts]
+        dropped = [p.name for p, q in zip(parts, kept, strict=True) if not len(q.test)]
+        if dropped:
+            msg = (f"--max-cells {max_cells} is fewer than the {len(parts)} partitions: {len(dropped)} partitions "
+                   f"(e.g. {dropped[0]!r}) get no test cell and are not scored; pass --max-cells {2 * len(parts)} "
+                   "or more for every partition with both classes")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            notes.append(msg)
+        parts = [q for q in kept if len(q.test)]
         tested = np.concatenate([p.test for p in parts])
     keys = splits.table.index.to_numpy(dtype=object)[tested]
     _expression(st, cells, keys, input, data_by_ds)
@@ -707,7 +763,8 @@ def run_prompting(
     Cells: the store's (``store``: the splits of ``scdm-eval run`` with the same ``scheme``/
     ``by``/``folds``/``group_key``/``seed``; their counts from each dataset's recorded input, or
     ``input`` = a path or ``{dataset: path}``) or one file's (``input`` alone; splits made in memory).
-    ``max_cells`` keeps a seeded random subset of the test cells. The key is read from
+    ``max_cells`` keeps a seeded subset of the test cells stratified by (partition, class), see
+    :func:`stratified_subset`. The key is read from
     ``$OPENAI_API_KEY`` or the variable ``api_key_env`` names. ``concurrency`` requests at a
     time; ``retries`` with back-off ``backoff * 2**attempt`` s (or the server's Retry-After) on
     429/5xx/time-outs/lost connections; answers are cached in ``cache`` (default
@@ -904,5 +961,5 @@ def write_prompt_report(results: pd.DataFrame, out: str | Path, *, predictions: 
 
 
 __all__ = ["CONTEXT_KEYS", "LABELS", "PROMPT_RESULT_COLUMNS", "PromptPlan", "ResponseCache", "answer_schema",
-           "build_messages", "default_cache", "describe_plan", "parse_answer", "plan_prompting", "run_prompting", "top_genes",
-           "write_prompt_report"]
+           "build_messages", "default_cache", "describe_plan", "parse_answer", "plan_prompting", "run_prompting",
+           "stratified_subset", "top_genes", "write_prompt_report"]

@@ -200,7 +200,7 @@ def prompt(
     cot: Annotated[bool, typer.Option("--cot", help="Ask for reasoning before the answer (classifier prompt-topN-cot).")] = False,
     context: Annotated[bool, typer.Option(help="Put the cells' tissue, cancer type and drug (when known) in the prompt.")] = True,
     cells_per_request: Annotated[int, typer.Option(help="Cells per request (ids c1, c2, ... in the answer).")] = 1,
-    max_cells: Annotated[int | None, typer.Option(help="Ask about a seeded random subset of this many test cells (cost cap).")] = None,
+    max_cells: Annotated[int | None, typer.Option(help="Ask about at most this many test cells (cost cap): a seeded subset stratified by (partition, class), so every partition keeps a cell of each class it has while the cap allows (>= 2 per partition), the rest in proportion.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Completion token cap per request [default: 24, 384 with --cot; +16 per cell with several per request].")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0: deterministic where the endpoint is).")] = 0.0,
     scheme: SchemeOpt = Scheme.pooled,

@@ -12,6 +12,7 @@ format is unchanged: these are ordinary Zarr v3 arrays.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,25 +55,45 @@ def _chunk(folder: Path, c: int, use_blosc: bool, use_crc: bool, fill: float, ou
     """Decode chunk ``c`` into ``out`` (C-contiguous, the full chunk shape: Zarr pads edge chunks)."""
     f = folder / "c" / str(c) / "0"
     try:
-        raw = f.read_bytes()
+        fh = open(f, "rb", buffering=0)  # noqa: SIM115 - closed below
     except FileNotFoundError:  # never written: Zarr's fill value
         out[...] = fill
         return
-    n = out.nbytes
-    if use_crc:
-        if len(raw) < 4:
-            raise ValueError(f"chunk {c} of {folder} is truncated")
-        body = np.frombuffer(raw, dtype=np.uint8)[:-4]  # read-only, no copy
-        if np.uint32(google_crc32c.value(body)).tobytes() != raw[-4:]:
-            raise ValueError(f"chunk {c} of {folder}: stored and computed checksum do not match")
-    else:
-        body = np.frombuffer(raw, dtype=np.uint8)
-    if use_blosc:
-        blosc.decompress(body, out.reshape(-1).view(np.uint8))
-    else:
-        if len(body) != n:
-            raise ValueError(f"chunk {c} of {folder} holds {len(body)} bytes, expected {n}")
-        out.reshape(-1).view(np.uint8)[:] = body
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if use_blosc:  # compressed: read the frame, check it, decompress into out
+            raw = _read_exactly(fh, bytearray(size), f)
+            body = np.frombuffer(raw, dtype=np.uint8)
+            if use_crc:
+                _check_crc(body[:-4], body[-4:].tobytes(), f)
+                body = body[:-4]
+            blosc.decompress(body, out.reshape(-1).view(np.uint8))
+            return
+        if size != out.nbytes + (4 if use_crc else 0):
+            raise ValueError(f"{f} holds {size} bytes, expected {out.nbytes + (4 if use_crc else 0)}")
+        flat = out.reshape(-1).view(np.uint8)
+        _read_exactly(fh, memoryview(flat), f)  # straight into the output: one copy from the page cache
+        if use_crc:
+            _check_crc(flat, fh.read(4), f)
+
+
+def _read_exactly(fh: Any, buf: Any, f: Path) -> Any:
+    """Fill ``buf`` from ``fh`` (a short file is a damaged chunk)."""
+    view, got = memoryview(buf).cast("B"), 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise ValueError(f"{f} is truncated")
+        got += n
+    return buf
+
+
+def _check_crc(body: np.ndarray, stored: bytes, f: Path) -> None:
+    """The chunk's stored CRC-32C matches its body (as Zarr's crc32c codec checks)."""
+    ro = body.view()
+    ro.flags.writeable = False  # google_crc32c reads read-only buffers only
+    if len(stored) != 4 or np.uint32(google_crc32c.value(ro)).tobytes() != stored:
+        raise ValueError(f"{f}: stored and computed checksum do not match")
 
 
 def read_rows(x: Any, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> bool:
