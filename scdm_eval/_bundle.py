@@ -343,7 +343,7 @@ def _check_provenance(bundle: Bundle, rec, where: str) -> None:
 
 
 def _embed_input(bundle: Bundle, input: Path, checkpoint: Path | None, store: Path | None, dataset: str | None,
-                 tmp: str) -> tuple[Path, str]:
+                 tmp: str, *, trust_checkpoint: bool = False) -> tuple[Path, str]:
     """Embed ``input`` with the bundle's model and options through ``scdm_embed.extract``."""
     import scdm_embed as se
     from scdm_embed.inputs import read_input
@@ -361,7 +361,7 @@ def _embed_input(bundle: Bundle, input: Path, checkpoint: Path | None, store: Pa
     try:
         opts = {k: v for k, v in (prov.get("options") or {}).items() if v is not None}
         se.extract(data, model=model, store=target, dataset=name, checkpoint=checkpoint, model_options=opts,
-                   progress=False)
+                   progress=False, trust_checkpoint=trust_checkpoint)
     finally:
         data.close()
     return target, name
@@ -374,6 +374,7 @@ def predict(
     dataset: str | None = None,
     input: str | Path | None = None,
     checkpoint: str | Path | None = None,
+    trust_checkpoint: bool = False,
     out: str | Path | None = None,
 ) -> pd.DataFrame:
     """Per-cell P(sensitive) of the bundle's classifier on a store dataset, or on raw cells.
@@ -384,8 +385,10 @@ def predict(
     reuse the store's fit), else a temporary store. An embedding whose provenance differs
     from the bundle's is refused. Returns :data:`PREDICT_COLUMNS` (``y_true`` -1 when the
     cells are unlabelled); with ``out``, also writes it (``.parquet``, or ``.csv``).
-    A LoRA fit folder of ``scdm-eval lora`` (:mod:`scdm_eval._lora_bundle`) takes ``input``
-    only: its base checkpoint + adapter embed the cells (:func:`~scdm_eval._lora_bundle.predict_lora`).
+    ``trust_checkpoint`` unpickles the checkpoint's files in full when a model is loaded.
+    A LoRA fit folder of ``scdm-eval lora`` (:mod:`scdm_eval._lora_bundle`) embeds raw cells with
+    its base checkpoint + adapter: ``input``, or the raw input a store records for ``dataset``
+    (:func:`~scdm_eval._lora_bundle.predict_lora`).
     """
     from ._splits import open_store
 
@@ -393,12 +396,13 @@ def predict(
         from ._lora_bundle import is_lora_bundle, predict_lora
 
         if is_lora_bundle(bundle):  # base model + LoRA adapter + head: embeds raw cells itself
-            if store is not None:
-                raise ScdmError("a LoRA bundle embeds raw cells itself and uses no store",
-                                "drop --store; pass --input CELLS.h5ad")
-            return predict_lora(bundle, input=input, checkpoint=checkpoint, dataset=dataset, out=out)
+            return predict_lora(bundle, input=input, store=store, dataset=dataset, checkpoint=checkpoint,
+                                trust_checkpoint=trust_checkpoint, out=out)
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     check_predict_out(out)
+    if input is None and trust_checkpoint:
+        raise ScdmError("--trust-checkpoint is only used with --input (to load the model that embeds raw cells)",
+                        "drop --trust-checkpoint, or add --input")
     if input is None and (store is None or dataset is None):
         raise ScdmError("nothing to predict: give --store and --dataset, or --input CELLS.h5ad",
                         "e.g. scdm-eval predict --bundle B --store S --dataset D --out preds.parquet")
@@ -410,13 +414,11 @@ def predict(
                 raise ScdmError(f"--input {str(input)!r} does not exist", "pass an .h5ad file")
             spath = None if store is None else (store.path if isinstance(store, EmbeddingStore) else Path(store))
             spath, dataset = _embed_input(b, Path(input), None if checkpoint is None else Path(checkpoint), spath,
-                                          dataset, tmp)
+                                          dataset, tmp, trust_checkpoint=trust_checkpoint)
             st = EmbeddingStore(spath)
         else:
             st = open_store(store)
-            if dataset not in st.datasets():
-                raise StoreError(f"dataset {dataset!r} is not in {str(st.path)!r} (has: {', '.join(st.datasets())})",
-                                 "check --dataset")
+            check_dataset(st, dataset)
         model = b.model
         rec = _record(st, model, dataset)
         _check_provenance(b, rec, f"the {model} embedding of dataset {dataset!r} in {str(st.path)!r}")
@@ -429,6 +431,13 @@ def predict(
     if out is not None:
         write_predictions(res, out)
     return res
+
+
+def check_dataset(st: EmbeddingStore, dataset: str) -> None:
+    """Refuse a dataset the store does not hold."""
+    if dataset not in st.datasets():
+        raise StoreError(f"dataset {dataset!r} is not in {str(st.path)!r} (has: {', '.join(st.datasets())})",
+                         "check --dataset")
 
 
 def check_predict_out(out: str | Path | None) -> None:

@@ -256,7 +256,7 @@ def _read(st: EmbeddingStore, ds: str, path: Path, cls: type[Adapter], prov: Pro
         data.close()
         raise ScdmError(
             f"{str(path)!r} is not the input dataset {ds!r} was extracted from (content hash "
-            f"{data.content_hash[:12]} != {str(held)[:12]}); LoRA must see exactly the cells the splits were made on",
+            f"{data.content_hash[:12]} != {str(held)[:12]}); the stage must see exactly the cells the splits were made on",
             "pass the original file with input= (--input); if the data changed, re-extract it "
             "(`scdm-embed extract ... --overwrite`) and re-run the evaluation")
     return data

@@ -293,15 +293,17 @@ def _fit_settings(classifier: str, items: list[str] | None) -> dict[str, str]:
 def predict(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle folder from `scdm-eval fit`, or a LoRA fit folder from `scdm-eval lora` (OUT/lora/MODEL/lora-rN/CATEGORY/fold-K or final).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Per-cell predictions (.parquet or .csv).")],
-    store: Annotated[Path | None, typer.Option("--store", "-s", help="Store holding the cells' embeddings (with --input: where to embed them; needed for pca/hvg).")] = None,
+    store: Annotated[Path | None, typer.Option("--store", "-s", help="Store holding the cells' embeddings (with --input: where to embed them; needed for pca/hvg). LoRA bundles: the store whose --dataset's recorded raw input to embed.")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to predict (with --input: its name, default the file name).")] = None,
-    input: Annotated[Path | None, typer.Option("--input", help="Raw cells (.h5ad) to embed with the bundle's model first.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="Raw cells (.h5ad) to embed with the bundle's model first (LoRA bundles with --store: where the dataset's recorded input file is now).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="With --input: the model's checkpoint folder (default: the bundle's recorded one; LoRA bundles: the base checkpoint, refused when its hash differs).")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Unpickle the checkpoint files in full (they can run code): only for files you know are the authors'.")] = False,
 ) -> None:
     """Predict drug sensitivity per cell with a saved classifier (refuses embeddings computed differently)."""
     from ._bundle import predict as run_predict
 
-    res = run_predict(bundle, store, dataset=dataset, input=input, checkpoint=checkpoint, out=out)
+    res = run_predict(bundle, store, dataset=dataset, input=input, checkpoint=checkpoint,
+                      trust_checkpoint=trust_checkpoint, out=out)
     n1 = int((res["predicted"] == "sensitive").sum())
     console.print(f"{len(res)} cells of {res['dataset'].iloc[0] if len(res) else dataset}: {n1} predicted sensitive, "
                   f"{len(res) - n1} resistant; wrote {out}")

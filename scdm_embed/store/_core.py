@@ -343,9 +343,10 @@ class EmbeddingStore:
     def _group(self, *parts: str):
         node = self.root
         for p in parts:
-            if p not in node:
+            try:  # one metadata read per level (``in`` then ``[]`` would be two)
+                node = node[p]
+            except KeyError:
                 return None
-            node = node[p]
         return node
 
     # -- datasets -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -102,6 +103,28 @@ def test_save_load_predict_gives_identical_probabilities(trained, cells_h5ad, tg
     assert len(p) == 60 and p.between(0, 1).all()
 
 
+def test_predict_a_store_dataset_from_its_recorded_input(trained, lora_store, cells_h5ad, tmp_path):
+    """`--store S --dataset D`: the raw file the store records for D, with the store's ids and labels."""
+    from scdm_embed.store import EmbeddingStore
+
+    preds = pd.read_parquet(trained / "lora_predictions.parquet")
+    fold = preds[preds["fold"] == 1].set_index("cell_id")
+    cells = EmbeddingStore(lora_store, mode="r").cells([DS])
+    moved = tmp_path / "moved.h5ad"  # the same file elsewhere: --input says where it is now
+    shutil.copyfile(cells_h5ad, moved)
+    for extra in ([], ["--input", str(moved)]):
+        out = tmp_path / f"store{len(extra)}.parquet"
+        r = runner.invoke(app, ["predict", "--bundle", str(_fold(trained, "fold-1")), "--store", str(lora_store),
+                                "--dataset", DS, *extra, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        res = pd.read_parquet(out)
+        assert list(res.columns) == list(PREDICT_COLUMNS) and len(res) == 60 and set(res["dataset"]) == {DS}
+        assert (res["cell_id"].to_numpy() == [c.split("/", 1)[1] for c in cells.index]).all()
+        assert (res["y_true"].to_numpy() == cells["label"].to_numpy()).all()
+        got = res.set_index("cell_id").loc[fold.index]
+        np.testing.assert_allclose(got["p_sensitive"].to_numpy(), fold["p_sensitive"].to_numpy(), rtol=0, atol=1e-6)
+
+
 def test_predict_refuses_another_base_checkpoint(trained, cells_h5ad, tgpt_ckpt, tmp_path):
     other = tmp_path / "other_ckpt"
     shutil.copytree(tgpt_ckpt, other)
@@ -118,8 +141,14 @@ def test_predict_refusals(trained, cells_h5ad, lora_store, tmp_path):
     bundle = str(_fold(trained))
     out = str(tmp_path / "p.parquet")
     assert_refused(runner.invoke(app, ["predict", "--bundle", bundle, "--out", out]), "--input")
-    assert_refused(runner.invoke(app, ["predict", "--bundle", bundle, "--input", str(cells_h5ad),
-                                       "--store", str(lora_store), "--out", out]), "store")
+    assert_refused(runner.invoke(app, ["predict", "--bundle", bundle, "--store", str(lora_store), "--out", out]),
+                   "--dataset")
+    assert_refused(runner.invoke(app, ["predict", "--bundle", bundle, "--store", str(lora_store), "--dataset", "nope",
+                                       "--out", out]), "nope")
+    other = tmp_path / "other.h5ad"  # other cells than the dataset was extracted from
+    ad.read_h5ad(cells_h5ad)[:50].copy().write_h5ad(other)
+    assert_refused(runner.invoke(app, ["predict", "--bundle", bundle, "--store", str(lora_store), "--dataset", DS,
+                                       "--input", str(other), "--out", out]), "hash")
     assert_refused(runner.invoke(app, ["predict", "--bundle", bundle, "--input", str(cells_h5ad),
                                        "--out", str(tmp_path / "p.txt")]), "parquet")
     tampered = tmp_path / "tampered"
@@ -206,3 +235,52 @@ def test_a_run_killed_mid_fold_resumes(lora_store, tmp_path):
     assert res.attrs["lora"]["resumed"] >= 1 and [f["resumed"] for f in res.attrs["lora"]["fits"]][-1] is False
     assert done.read_bytes() == saved and len(res) == 3
     assert not list(_fold(out).parent.glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def pickled_scgpt(tmp_path_factory, fixtures_dir):
+    """The scGPT fixture with best_model.pt re-saved as a ``collections.UserDict`` of its tensors: benign,
+    but a global ``torch.load(weights_only=True)`` refuses, as in checkpoints saved with custom classes."""
+    import collections
+    import stat
+
+    import torch
+
+    ckpt = tmp_path_factory.mktemp("pickled") / "scgpt"
+    shutil.copytree(fixtures_dir / "scgpt" / "checkpoint", ckpt, copy_function=shutil.copyfile)
+    ckpt.chmod(ckpt.stat().st_mode | stat.S_IWUSR)
+    state = torch.load(ckpt / "best_model.pt", map_location="cpu", weights_only=True)
+    (ckpt / "best_model.pt").unlink()
+    torch.save(collections.UserDict(state), ckpt / "best_model.pt")
+    return ckpt
+
+
+def test_predict_trust_checkpoint_loads_a_pickled_base(pickled_scgpt, cells_h5ad, tmp_path):
+    import scdm_embed as se
+
+    store, out = tmp_path / "s.zarr", tmp_path / "o"
+    se.extract(cells_h5ad, model="scgpt", checkpoint=pickled_scgpt, store=store, device="cpu", progress=False,
+               trust_checkpoint=True)
+    r = runner.invoke(app, ["lora", "--store", str(store), "--out", str(out), "--model", "scgpt", "--folds", "3",
+                            "--epochs", "1", "--device", "cpu", "--max-partitions", "1", "-q", "--trust-checkpoint"])
+    assert r.exit_code == 0, r.output
+    bundle = out / "lora" / "scgpt" / "lora-r8" / "all" / "fold-0"
+    preds = tmp_path / "p.parquet"
+    base = ["predict", "--bundle", str(bundle), "--store", str(store), "--dataset", DS, "--out", str(preds)]
+    assert_refused(runner.invoke(app, base), "--trust-checkpoint")
+    assert not preds.exists()
+    r = runner.invoke(app, [*base, "--trust-checkpoint"])
+    assert r.exit_code == 0, r.output
+    fold = pd.read_parquet(out / "lora_predictions.parquet").set_index("cell_id")
+    got = pd.read_parquet(preds).set_index("cell_id").loc[fold.index]
+    np.testing.assert_allclose(got["p_sensitive"].to_numpy(), fold["p_sensitive"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_trust_checkpoint_without_a_model_to_load_is_refused(lora_store, tmp_path):
+    bundle, out = tmp_path / "b", tmp_path / "p.parquet"
+    r = runner.invoke(app, ["fit", "--store", str(lora_store), "--model", "tgpt", "--out", str(bundle)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["predict", "--bundle", str(bundle), "--store", str(lora_store), "--dataset", DS,
+                            "--out", str(out), "--trust-checkpoint"])
+    assert_refused(r, "--trust-checkpoint")
+    assert not out.exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -172,6 +174,45 @@ def test_cot_and_several_cells_per_request(llm, pc9_small, tmp_path):
     _recompute(res, pred)
 
 
+def _per_class(pred: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """(sensitive, resistant) test cells per partition of a predictions table."""
+    return {str(k): (int((g["y_true"] == 1).sum()), int((g["y_true"] == 0).sum()))
+            for k, g in pred.groupby("partition", observed=True)}
+
+
+def test_a_moved_input_is_given_as_dataset_path_and_still_hash_checked(llm, pc9_small, tmp_path):
+    import anndata as ad
+
+    first = tmp_path / "first" / "pc9_small.h5ad"
+    first.parent.mkdir()
+    shutil.copy(pc9_small, first)
+    store = tmp_path / "s.zarr"
+    r = runner.invoke(embed_app, ["extract", str(first), "--model", "pca", "--store", str(store), "-q"])
+    assert r.exit_code == 0, r.output
+    moved = tmp_path / "elsewhere" / "cells.h5ad"
+    moved.parent.mkdir()
+    shutil.move(first, moved)  # the recorded input is gone
+    wrong = tmp_path / "wrong.h5ad"  # the same cells and genes, other counts: not the extracted file
+    a = ad.read_h5ad(moved)
+    a.X = a.X * 2
+    a.write_h5ad(wrong)
+    before = store_snapshot(store)
+    base = ["prompt", "--store", str(store), "--llm", llm.alias, "--base-url", llm.base_url, "--folds", "2",
+            "--max-cells", "4", "-q"]
+    assert_refused(runner.invoke(app, [*base, "--out", str(tmp_path / "o1")]), "no longer")
+    assert_refused(runner.invoke(app, [*base, "--input", f"pc9_small={wrong}", "--out", str(tmp_path / "o2")]),
+                   "hash")
+    assert store_snapshot(store) == before and not (tmp_path / "o2").exists()
+
+    out = tmp_path / "out"
+    _prompt(*base[1:], "--input", f"pc9_small={moved}", "--out", out)
+    res, pred, info = _read(out)
+    assert res["n_test"].sum() == 4 and info["usage"]["sent"] == 4 and (pred["answer"] != "unparsed").sum() >= 1
+    assert _per_class(pred) == {"fold0": (1, 1), "fold1": (1, 1)}  # --max-cells: stratified by fold and class
+    _recompute(res, pred)
+    assert list_splits(store)["name"].tolist() == [res["split"].iloc[0]]  # the split the answers were scored on
+
+
 class _Flaky(BaseHTTPRequestHandler):
     """A real HTTP front of the llama.cpp server that answers 429, then 503, before it forwards."""
 
@@ -267,6 +308,28 @@ def test_dry_run_prints_requests_and_tokens_and_sends_nothing(pc9_small, tmp_pat
     text = " ".join(r.output.split())
     assert "5 requests" in text and "estimated tokens" in text and "100 most highly expressed genes" in text
     assert "erlotinib" in text  # the drug from the cell table is in the prompt
+    assert not (tmp_path / "o").exists() and not (tmp_path / "user-cache").exists()
+
+
+def _dry_counts(*args) -> tuple[str, dict[str, tuple[int, int]]]:
+    """A dry run's output and its test cells per partition (sensitive, resistant)."""
+    text = " ".join(_prompt(*args, "--dry-run").output.split())
+    line = text.split("(sensitive/resistant):", 1)[1].split(" --- ", 1)[0]
+    return text, {m[0]: (int(m[1]), int(m[2])) for m in re.findall(r"(\S+) (\d+)/(\d+)", line)}
+
+
+def test_max_cells_is_stratified_by_partition_and_class(pc9_small, tmp_path):
+    args = ["--input", pc9_small, "--llm", "gpt-4o-mini", "--base-url", f"http://127.0.0.1:{free_port()}/v1",
+            "--folds", 5, "--out", tmp_path / "o"]
+    text, per = _dry_counts(*args, "--max-cells", 10)
+    assert "10 test cells" in text and per == {f"fold{f}": (1, 1) for f in range(5)}  # each fold keeps both classes
+    assert _dry_counts(*args, "--max-cells", 10)[0] == text  # deterministic for a seed
+    assert _dry_counts(*args, "--max-cells", 10, "--seed", 1)[0] != text
+    _, per = _dry_counts(*args, "--max-cells", 23)  # the rest in proportion (120 + 120 cells: balanced)
+    assert sum(map(sum, per.values())) == 23 and len(per) == 5
+    assert all(min(c) >= 2 and max(c) <= 3 for c in per.values()), per
+    text, per = _dry_counts(*args, "--max-cells", 3)  # fewer cells than folds: said, the rest unscored
+    assert len(per) == 3 and all(sum(c) == 1 for c in per.values()) and "scored" in text
     assert not (tmp_path / "o").exists() and not (tmp_path / "user-cache").exists()
 
 
