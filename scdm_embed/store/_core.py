@@ -395,12 +395,17 @@ class EmbeddingStore:
             return pd.DataFrame(columns=["dataset", "row", "label", "response"])
         return pd.concat(parts)
 
-    def _cell_table(self, ds: str) -> pd.DataFrame:
-        """One dataset's cell table, cached per handle by the dataset's input hash."""
+    def _cell_table_key(self, ds: str) -> tuple[str, Any, Any, Any]:
+        """(dataset, input hash, cells hash, group) of a dataset, its group read once per call."""
         g = self._element("scdm-dataset", "datasets", ds)
         if g is None:
             raise StoreError(f"dataset {ds!r} is not in the store (has: {self.datasets()})", "check the dataset name")
-        key = (ds, g.attrs.get("input_hash"), g.attrs.get("cells_hash"))
+        return ds, g.attrs.get("input_hash"), g.attrs.get("cells_hash"), g
+
+    def _cell_table(self, ds: str) -> pd.DataFrame:
+        """One dataset's cell table, cached per handle by the dataset's input hash."""
+        *key, g = self._cell_table_key(ds)
+        key = tuple(key)
         cache = self.__dict__.setdefault("_cells_cache", {})
         if key not in cache:
             try:
@@ -537,14 +542,16 @@ class EmbeddingStore:
         row_col = table["row"].to_numpy()
         X: np.ndarray | None = None
         for ds in names:
-            if ds not in mg:
-                raise StoreError(f"model {model!r} has no embeddings for dataset {ds!r}", f"run `scdm-embed extract ... --model {model} --dataset {ds}`")
-            g = self.embedding_group(model, ds)
+            try:  # the model group is in hand: one metadata read per dataset, not a walk from the root
+                g = mg[ds]
+            except KeyError:
+                raise StoreError(f"model {model!r} has no embeddings for dataset {ds!r}", f"run `scdm-embed extract ... --model {model} --dataset {ds}`") from None
+            check_element(g.attrs, "scdm-embedding", f"embeddings/{model}/{ds} in {str(self.path)!r}")
             a = dict(g.attrs)
             if not a.get("complete") and not allow_incomplete:
                 raise StoreError(f"embeddings {model}/{ds} are incomplete ({int(self.done_flags(model, ds).sum())}/{g['done'].shape[0]} chunks)",
                                  "re-run the same `scdm-embed extract` command to resume it (or pass allow_incomplete=True)")
-            if a.get("input_hash") != self.dataset_attrs(ds).get("input_hash") and not allow_incomplete:
+            if a.get("input_hash") != self._cell_table_key(ds)[1] and not allow_incomplete:
                 raise StaleCacheError(f"embeddings {model}/{ds} were computed from another version of the input",
                                       f"re-extract with `scdm-embed extract ... --model {model} --dataset {ds} --overwrite`")
             x = g["X"]
