@@ -13,6 +13,7 @@
     python bench/bench_scale.py            # 50k / 500k cells (pca), 5k / 50k (tgpt); grid at 20k cells
     python bench/bench_scale.py --quick    # 10k / 100k (pca; the pca fit uses at most 10k cells), 2k / 20k (tgpt); grid at 5k cells
     python bench/bench_scale.py --full     # grid at 500k cells x 512-d too
+    python bench/bench_scale.py --sizes tgpt=50000,500000 --skip-grid   # the transformer at 50k / 500k
 """
 
 from __future__ import annotations
@@ -168,11 +169,15 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also the grid at 500k cells")
     ap.add_argument("--classifiers", default="logreg", help="comma-separated grid classifiers [logreg]")
     ap.add_argument("--grid-cells", type=int, default=None, help="cells of the grid bench (overrides the size)")
+    ap.add_argument("--sizes", action="append", default=None, metavar="MODEL=SMALL,LARGE",
+                    help="memory bench sizes of one model (repeatable; e.g. tgpt=50000,500000); only these run")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-grid", action="store_true")
     args = ap.parse_args()
     sizes = {"pca": (10_000, 100_000), "tgpt": (2_000, 20_000)} if args.quick else \
         {"pca": (50_000, 500_000), "tgpt": (5_000, 50_000)}
+    if args.sizes:
+        sizes = {m: tuple(int(v) for v in spec.split(",")) for m, _, spec in (a.partition("=") for a in args.sizes)}
     grid_cells = args.grid_cells or (500_000 if args.full else 5_000 if args.quick else 20_000)
     with tempfile.TemporaryDirectory(prefix="scdm-bench-scale-") as tmp:
         tmp = Path(tmp)
