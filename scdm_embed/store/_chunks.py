@@ -13,7 +13,9 @@ format is unchanged: these are ordinary Zarr v3 arrays.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,10 @@ from numcodecs import blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
-__all__ = ["read_rows"]
+__all__ = ["READ_THREADS", "read_rows"]
+
+#: chunks decoded at a time (threads; the machine's cores, at most 4)
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _layout(x: Any) -> tuple[Path, int, bool, bool] | None:
@@ -112,8 +117,9 @@ def read_rows(x: Any, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> b
     srows, swhere = rows[order], where[order]
     cid = srows // chunk_rows
     bounds = np.flatnonzero(np.diff(cid)) + 1
-    scratch = np.empty((chunk_rows, dim), np.float32)
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(srows)], strict=True):
+    local = threading.local()
+
+    def one(lo: int, hi: int) -> None:
         c = int(cid[lo])
         start = c * chunk_rows
         n_rows = min(chunk_rows, n - start)
@@ -122,6 +128,19 @@ def read_rows(x: Any, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> b
         if whole and np.all(np.diff(w) == 1) and np.all(np.diff(r) == 1):
             _chunk(folder, c, use_blosc, use_crc, fill, out[w[0]: w[0] + n_rows])
         else:  # a partial selection, or the padded edge chunk: decode, then gather
+            scratch = getattr(local, "scratch", None)
+            if scratch is None:
+                scratch = local.scratch = np.empty((chunk_rows, dim), np.float32)
             _chunk(folder, c, use_blosc, use_crc, fill, scratch)
             out[w] = scratch[r]
+
+    spans = list(zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(srows)].tolist(), strict=True))
+    threads = min(READ_THREADS, len(spans))
+    if threads <= 1:
+        for lo, hi in spans:
+            one(lo, hi)
+    else:  # file reads, checksums and copies release the GIL: chunks decode side by side
+        with ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(one, lo, hi) for lo, hi in spans]:
+                f.result()
     return True

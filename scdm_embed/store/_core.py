@@ -537,8 +537,9 @@ class EmbeddingStore:
         names = list(datasets) if datasets is not None else sorted(mg.group_keys())
         table = self.cells(names)
         if cells is not None:
-            table = table.loc[pd.Index(list(cells))]
-        ds_col = table["dataset"].to_numpy()
+            table = table.loc[cells if isinstance(cells, pd.Index) else pd.Index(list(cells))]
+        ds_code, ds_names = pd.factorize(table["dataset"])  # integer codes: no string compares per dataset
+        ds_index = {d: i for i, d in enumerate(ds_names)}
         row_col = table["row"].to_numpy()
         X: np.ndarray | None = None
         for ds in names:
@@ -563,7 +564,7 @@ class EmbeddingStore:
                                  f"{x.shape[1]}-d for {ds!r}: they were not made by the same network or reference",
                                  f"re-extract {ds!r} (or {first!r}) with `scdm-embed extract ... --model {model} "
                                  f"--dataset NAME --overwrite` so that every dataset uses the same one")
-            where = np.flatnonzero(ds_col == ds)
+            where = np.flatnonzero(ds_code == ds_index[ds]) if ds in ds_index else np.empty(0, np.int64)
             try:
                 if len(where):
                     _read_into(x, row_col[where], X, where)
