@@ -269,15 +269,20 @@ def fit_classifier(
             "state": state, "provenance": prov,
             "training": {"store": str(st.path), "datasets": dsets, "by": by, "category": cats, "n_cells": int(len(y)),
                          "sensitive": int((y == 1).sum()), "resistant": int((y == 0).sum())},
-            "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
         }
-        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        seal_bundle(tmp, meta, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_bundle(out)
+
+
+def seal_bundle(tmp: Path, meta: Mapping[str, Any], final: Path) -> None:
+    """Write ``bundle.json`` (``meta`` + the sha256 of every file in ``tmp``), then move ``tmp`` to ``final``."""
+    full = {**meta, "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
+    (tmp / "bundle.json").write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def read_manifest(path: Path, *, fmt: str, version: Any, allowed: Iterable[str], what: str, hint: str,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from scdm_embed.errors import ScdmError, StoreError
+from scdm_embed.errors import ScdmError
 
 from ._classifiers import fit_score
 
@@ -38,13 +38,10 @@ def _store(run: str, path: str):
 
 def read_slice(store: Any, model: str, datasets: Sequence[str], keys: np.ndarray) -> np.ndarray:
     """Rows ``keys`` (global cell keys, in this order) of ``model``'s embeddings; only their chunks are read."""
+    from ._run import check_finite
+
     X, _ = store.load(model, datasets=list(datasets), cells=keys)
-    bad = ~np.isfinite(X).all(axis=1)
-    if bad.any():
-        raise StoreError(f"model {model!r} has {int(bad.sum())} cells with non-finite embeddings "
-                         f"(e.g. {keys[np.flatnonzero(bad)[0]]})",
-                         f"re-extract with `scdm-embed extract ... --model {model} --overwrite`")
-    return X
+    return check_finite(X, model, keys)
 
 
 def grid_task(ctx: Mapping[str, Any], model: str, part: int, classifier: str, seed: int) -> dict[str, Any]:

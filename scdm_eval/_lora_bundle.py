@@ -45,7 +45,6 @@ import torch
 
 from scdm_embed.errors import CheckpointError, InputError, ScdmError
 from scdm_embed.models.base import GenePlan
-from scdm_embed.models.base import sha256_file as _sha256
 from scdm_embed.store import EmbeddingStore, Provenance
 
 FORMAT = "scdm-lora-bundle"
@@ -102,12 +101,10 @@ def save_lora_bundle(folder: str | Path, *, net: torch.nn.Module, head: torch.nn
         if proba is not None:
             save_np({"proba": np.asarray(proba, np.float64), "test": np.asarray(test, np.int64)},
                     str(tmp / "test_proba.safetensors"))
-        full = {"format": FORMAT, "format_version": FORMAT_VERSION, "scdm_version": __version__, **meta,
-                "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}}
-        (tmp / "bundle.json").write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        from ._bundle import seal_bundle
+
+        seal_bundle(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "scdm_version": __version__, **meta},
+                    folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -77,10 +77,15 @@ def _load(st: EmbeddingStore, model: str, datasets: Sequence[str], splits: Split
                          "re-extract the model for every dataset")
     if not np.array_equal(pos, np.arange(len(pos))):
         X = X[pos]
+    return check_finite(X, model, splits.table.index)
+
+
+def check_finite(X: np.ndarray, model: str, keys: Sequence[str]) -> np.ndarray:
+    """``X`` if every row is finite; else a StoreError naming the model and a cell (``keys[row]``)."""
     bad = ~np.isfinite(X).all(axis=1)
     if bad.any():
         raise StoreError(f"model {model!r} has {int(bad.sum())} cells with non-finite embeddings "
-                         f"(e.g. {splits.table.index[np.flatnonzero(bad)[0]]})",
+                         f"(e.g. {keys[np.flatnonzero(bad)[0]]})",
                          f"re-extract with `scdm-embed extract ... --model {model} --overwrite`")
     return X
 
