@@ -874,22 +874,10 @@ def write_lora_report(results: pd.DataFrame, out: str | Path, *, predictions: pd
     """``lora_results.parquet/.csv`` and ``lora_summary.csv/.md`` in ``out`` (with ``predictions``, the
     per-cell ``lora_predictions.parquet``); with the ``results.parquet`` of ``scdm-eval run`` on the
     same split there, ``combined_summary.csv/.md``."""
-    from ._report import summarize, to_markdown
+    from ._report import summarize, to_markdown, write_stage_tables
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f for k, f in (("results", "lora_results.parquet"), ("results_csv", "lora_results.csv"),
-                                     ("summary_csv", "lora_summary.csv"), ("summary_md", "lora_summary.md"))}
-    plain = results.copy()
-    plain.attrs = {}
-    plain.to_parquet(paths["results"], index=False)
-    plain.to_csv(paths["results_csv"], index=False)
-    summary = summarize(results)
-    summary.to_csv(paths["summary_csv"], index=False)
-    paths["summary_md"].write_text(to_markdown(results, summary), encoding="utf-8")
-    if predictions is not None:
-        paths["predictions"] = out / "lora_predictions.parquet"
-        predictions.to_parquet(paths["predictions"], index=False)
+    paths, plain = write_stage_tables(results, out, "lora", predictions=predictions)
     frozen = out / "results.parquet"
     if frozen.exists() and len(results):
         other = pd.read_parquet(frozen)

@@ -926,18 +926,8 @@ def _score(plan: PromptPlan, replies: Mapping[str, tuple[str, int, int]], *, unp
 def write_prompt_report(results: pd.DataFrame, out: str | Path, *, predictions: pd.DataFrame | None = None
                         ) -> dict[str, Path]:
     """``llm_results.parquet/.csv``, ``llm_summary.csv/.md``, ``llm_usage.json`` (and ``llm_predictions.parquet``)."""
-    from ._report import summarize, to_markdown
+    from ._report import write_stage_tables
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"llm_{k}" for k in ("results.parquet", "results.csv", "summary.csv", "summary.md",
-                                             "usage.json")}
-    plain = results.copy()
-    plain.attrs = {}
-    plain.to_parquet(paths["results.parquet"], index=False)
-    plain.to_csv(paths["results.csv"], index=False)
-    summary = summarize(results)
-    summary.to_csv(paths["summary.csv"], index=False)
     info = results.attrs.get("llm", {})
     u = info.get("usage", {})
     extra = ["", "## LLM", "",
@@ -952,11 +942,9 @@ def write_prompt_report(results: pd.DataFrame, out: str | Path, *, predictions: 
              f"{u.get('completion_tokens')} completion, spent in this run: {u.get('spent_prompt_tokens')} + "
              f"{u.get('spent_completion_tokens')}",
              "- the LLM is trained on nothing: n_train and the train counts describe the partition only", ""]
-    paths["summary.md"].write_text(to_markdown(results, summary) + "\n".join(extra), encoding="utf-8")
-    paths["usage.json"].write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
-    if predictions is not None:
-        paths["predictions"] = out / "llm_predictions.parquet"
-        predictions.to_parquet(paths["predictions"], index=False)
+    paths, _ = write_stage_tables(results, out, "llm", extra_md="\n".join(extra), predictions=predictions)
+    paths["usage"] = Path(out) / "llm_usage.json"
+    paths["usage"].write_text(json.dumps(info, indent=2, default=str), encoding="utf-8")
     return paths
 
 

@@ -198,3 +198,28 @@ def write_report(results: pd.DataFrame, out: str | Path, *, metric: str = "auroc
                  columns=["category", "fold", "name", "n_train", "n_test", "train_sensitive", "train_resistant",
                           "test_sensitive", "test_resistant", "skipped"]).to_csv(paths["skipped"], index=False)
     return paths
+
+
+def write_stage_tables(results: pd.DataFrame, out: str | Path, prefix: str, *, extra_md: str = "",
+                       predictions: pd.DataFrame | None = None) -> tuple[dict[str, Path], pd.DataFrame]:
+    """A stage's tables in ``out``: ``<prefix>_results.parquet/.csv``, ``<prefix>_summary.csv/.md`` (the
+    summary's Markdown followed by ``extra_md``) and, with ``predictions``, ``<prefix>_predictions.parquet``.
+
+    Returns the paths (keys ``results``, ``results_csv``, ``summary_csv``, ``summary_md``,
+    ``predictions``) and the results without their attrs, as written.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / f"{prefix}_results.parquet", "results_csv": out / f"{prefix}_results.csv",
+             "summary_csv": out / f"{prefix}_summary.csv", "summary_md": out / f"{prefix}_summary.md"}
+    plain = results.copy()
+    plain.attrs = {}
+    plain.to_parquet(paths["results"], index=False)
+    plain.to_csv(paths["results_csv"], index=False)
+    summary = summarize(results)
+    summary.to_csv(paths["summary_csv"], index=False)
+    paths["summary_md"].write_text(to_markdown(results, summary) + extra_md, encoding="utf-8")
+    if predictions is not None:
+        paths["predictions"] = out / f"{prefix}_predictions.parquet"
+        predictions.to_parquet(paths["predictions"], index=False)
+    return paths, plain
