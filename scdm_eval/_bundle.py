@@ -114,18 +114,11 @@ def _restore(name: str, clf: Any, folder: Path, state: Mapping[str, Any], dim: i
         sc = load_file(folder / "scaler.safetensors")
         clf.mean_, clf.scale_ = sc["mean"], sc["scale"]
     elif name == "logreg":
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+        from ._classifiers import logreg_pipeline
 
         w, s = load_file(folder / "weights.safetensors"), load_file(folder / "scaler.safetensors")
-        scaler = StandardScaler()
-        scaler.mean_, scaler.scale_, scaler.var_ = s["mean"], s["scale"], s["var"]
-        scaler.n_samples_seen_, scaler.n_features_in_ = s["n_samples_seen"], dim
-        lr = LogisticRegression(C=clf.C, max_iter=clf.max_iter, random_state=clf.seed)
-        lr.coef_, lr.intercept_, lr.classes_, lr.n_iter_ = w["coef"], w["intercept"], w["classes"], w["n_iter"]
-        lr.n_features_in_ = dim
-        clf.model_ = make_pipeline(scaler, lr)
+        clf.model_ = logreg_pipeline(s["mean"], s["scale"], s["n_samples_seen"], w["coef"], w["intercept"],
+                                     w["n_iter"], C=clf.C, max_iter=clf.max_iter, seed=clf.seed)
     elif name == "xgboost":
         import xgboost as xgb
 

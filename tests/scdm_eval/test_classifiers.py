@@ -132,7 +132,8 @@ def test_early_stopping_never_reads_test_cells(name, data):
     Xtr, ytr, Xte, _ = data
     groups = np.repeat(np.arange(30), 10)
     opts = {"mlp": {"max_epochs": 60, "hidden": (64, 64), "lr": 1e-2, "patience": 2, "val_fraction": 0.2},
-            "xgboost": {"n_estimators": 200, "max_depth": 3, "early_stopping_rounds": 3, "val_fraction": 0.2}}[name]
+            "xgboost": {"n_estimators": 200, "max_depth": 3, "early_stopping": True, "early_stopping_rounds": 3,
+                        "val_fraction": 0.2}}[name]
     full = np.concatenate([np.full((50, Xtr.shape[1]), 1e6, np.float32), Xtr, np.full((50, Xtr.shape[1]), -1e6, np.float32)])
     rows = np.arange(50, 350)
     a = make_classifier(name, seed=1, **opts).fit(full, ytr, rows=rows, groups=groups)
@@ -143,3 +144,47 @@ def test_early_stopping_never_reads_test_cells(name, data):
         assert a.best_round_ < a.n_rounds_ <= 200  # stopped early, predicts with the best round
     else:
         assert a.n_epochs_ < 60 and a.best_epoch_ is not None
+
+
+@pytest.mark.parametrize("share", [0.4, 0.8, 1.0])
+def test_logreg_fitted_in_place_equals_sklearn_on_a_standardised_copy(share):
+    """The in-place fit (rows read from X, standardisation folded into the weights) = sklearn's lbfgs on a copy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(4)
+    X = (rng.normal(size=(600, 30)) * rng.uniform(0.2, 5, 30) + rng.normal(size=30) * 3).astype(np.float32)
+    z = X[:, :4] @ rng.normal(size=4) + rng.normal(size=600)
+    y = (z > np.median(z)).astype(int)
+    rows = np.sort(rng.choice(600, int(share * 600), replace=False))
+    mine = make_classifier("logreg", C=0.5).fit(X, y[rows], rows=rows)
+    sc = StandardScaler().fit(X[rows])
+    ref = LogisticRegression(C=0.5, max_iter=2000).fit(sc.transform(X[rows]), y[rows])
+    np.testing.assert_allclose(mine.model_[-1].coef_, ref.coef_, atol=2e-4)  # both stop at gtol 1e-4
+    np.testing.assert_allclose(mine.predict_proba(X)[:, 1], ref.predict_proba(sc.transform(X))[:, 1], atol=2e-4)
+
+
+def test_min_delta_counts_tiny_improvements_as_none(data):
+    """Early stopping: a validation loss must drop by more than min_delta to count as better."""
+    Xtr, ytr, _, _ = data
+    opts = {"max_epochs": 40, "hidden": (32,), "patience": 2}
+    strict = make_classifier("mlp", seed=0, min_delta=10.0, **opts).fit(Xtr, ytr)
+    assert strict.n_epochs_ == 1 + 2 and strict.best_epoch_ == 1  # nothing after epoch 1 counts
+    loose = make_classifier("mlp", seed=0, min_delta=0.0, **opts).fit(Xtr, ytr)
+    assert loose.n_epochs_ > strict.n_epochs_
+
+
+def test_xgboost_default_boosts_every_round_on_all_training_cells(data):
+    Xtr, ytr, _, _ = data
+    m = make_classifier("xgboost", seed=0, n_estimators=7).fit(Xtr, ytr)
+    assert m.n_rounds_ == m.best_round_ == 7 and m.n_val_ == 0 and m.n_train_ == len(ytr)
+
+
+@pytest.mark.parametrize("name", ["mlp", "xgboost", "logreg"])
+def test_chunked_prediction_of_rows_equals_one_call(name, data):
+    from scdm_eval._classifiers import predict_rows
+
+    Xtr, ytr, Xte, _ = data
+    m = make_classifier(name, seed=0, **FAST.get(name, {})).fit(Xtr, ytr)
+    rows = np.array([5, 3, 99, 0, 42, 17, 64])
+    np.testing.assert_allclose(predict_rows(m, Xte, rows, chunk=3), m.predict_proba(Xte[rows])[:, 1], rtol=0, atol=1e-6)
