@@ -165,12 +165,15 @@ def main() -> None:  # noqa: C901 - one linear script
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 3 folds (under ~2 minutes)")
     ap.add_argument("--full", action="store_true", help="add the 500k-cell stores (and the 500k MLP grid)")
+    ap.add_argument("--parts", default="abced", help="which measures to run, e.g. 'd' (default abced; a-c-e share a store)")
+    ap.add_argument("--sizes", default=None, help="cells of the (d) stores, comma-separated (default 20000,100000)")
+    ap.add_argument("--classifiers", default="mlp,xgboost,logreg", help="(d): these classifiers, comma-separated")
+    ap.add_argument("--mlp-grid-sizes", default=None,
+                    help="(d): sizes at which the pooled 10-fold scdrugmap-schedule MLP grid also runs (default: 500000)")
     args = ap.parse_args()
     import warnings
 
     import scdm_eval
-    from scdm_embed.errors import ScdmError
-    from scdm_embed.store import EmbeddingStore
 
     # (a)-(c) use cell-level folds on purpose (the paper's); the warning is the report's business
     warnings.simplefilter("ignore", scdm_eval.LeakageWarning)
@@ -179,6 +182,10 @@ def main() -> None:  # noqa: C901 - one linear script
     folds = 3 if args.quick else 10
     n_grid = 4_000 if args.quick else 20_000
     sizes = [10_000] if args.quick else [20_000, 100_000] + ([500_000] if args.full else [])
+    if args.sizes:
+        sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
+    big = {int(v) for v in (args.mlp_grid_sizes or "500000").split(",") if v.strip()}
+    d_classifiers = [c.strip() for c in args.classifiers.split(",") if c.strip()]
     load = os.getloadavg()[0]
     print(f"\n## evaluation engine: {cores} cores (load average {load:.1f} at start), {folds} folds; "
           f"synthetic stores x {DIM}-d float32", flush=True)
@@ -200,100 +207,117 @@ def main() -> None:  # noqa: C901 - one linear script
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # -- (a) + (b): the MLP grid with the scDrugMap schedule, its fits one by one, the plain loop
-        store = tmp / "grid.zarr"
-        make_store(store, n_grid)
-        with measured() as m:
-            res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=folds, seed=0,
-                                           protocol="scdrugmap")
-        splits = scdm_eval.load_splits(store, res.attrs["split"])
-        parts = list(splits)
-        y = splits.table["label"].to_numpy().astype(np.int64)
-        gflop = sum(mlp_gflop(DIM, len(p.train), len(p.test), 10) for p in parts)
-        X, _ = EmbeddingStore(store).load("synth", cells=splits.table.index)
-        slice_mb = X.nbytes / 1e6
-        t_fits = 0.0
-        c0 = time.process_time()
-        for p in parts:
-            clf = scdm_eval.make_classifier("mlp", seed=0, **{**SCDRUGMAP_MLP, "threads": cores})
-            t = time.perf_counter()
-            clf.fit(X, y[p.train], rows=p.train)
-            clf.predict_proba(X[p.test])
-            t_fits += time.perf_counter() - t
-        c_fits = time.process_time() - c0
-        t_grid = m["wall"]
-        row("(a) MLP grid, scdrugmap schedule", f"{n_grid:,}", len(res), f"{t_grid:.1f}", f"{t_fits:.1f}",
-            f"{t_grid / t_fits:.2f}", f"{gflop:.0f}", f"{gflop / t_grid:.0f}", pct(gflop, t_grid),
-            f"{gflop / m['cpu']:.0f}", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
-        row("(a)   its fits one at a time (make_classifier)", f"{n_grid:,}", len(parts), f"{t_fits:.1f}", f"{t_fits:.1f}",
-            "1.00", f"{gflop:.0f}", f"{gflop / t_fits:.0f}", pct(gflop, t_fits), f"{gflop / c_fits:.0f}")
-        np.save(tmp / "X.npy", X)
-        with measured() as m:
-            auc_loop = scdrugmap_loop(tmp / "X.npy", y, parts, cores)
-        row("(b) scDrugMap-style torch loop, same folds", f"{n_grid:,}", len(parts), f"{m['wall']:.1f}", "",
-            f"{m['wall'] / t_grid:.2f}x", f"{gflop:.0f}", f"{gflop / m['wall']:.0f}", pct(gflop, m["wall"]),
-            f"{gflop / m['cpu']:.0f}", f"{auc_loop:.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
-        t_loop = m["wall"]
-        with measured() as m:
-            res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=folds, seed=0,
-                                           group_key="none")
-        row("(b) MLP grid, scdm defaults (early stopping)", f"{n_grid:,}", len(res), f"{m['wall']:.1f}", "",
-            f"{t_loop / m['wall']:.2f}x faster", "", "", "", "", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}",
-            f"{m['peak_mb'] / slice_mb:.2f}")
-        # -- (c) XGBoost per fit, today's defaults vs the 0.2.0 settings
-        xgb_wall: dict[str, float] = {}
-        for label, opts in (("(c) XGBoost, defaults", {}), ("(c) XGBoost, 0.2.0 settings", XGB_020)):
-            try:
-                with measured() as m:
-                    res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("xgboost",), folds=folds,
-                                                   seed=0, group_key="none",
-                                                   classifier_options={"xgboost": opts} if opts else None)
-            except ScdmError as e:  # settings this version does not know
-                row(label, f"{n_grid:,}", "", f"n/a: {e.problem}")
-                continue
-            row(label, f"{n_grid:,}", len(res), f"{m['wall']:.1f}", f"{m['wall'] / len(res):.2f}/fit", "", "", "", "",
-                "", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
-            xgb_wall[label] = m["wall"]
-        # -- (e) end to end, the three classifiers: the default grid in one call vs the scDrugMap-style
-        #    way (the per-fold torch loop of (b), XGBoost with the 0.2.0 settings of (c), then logreg)
-        with measured() as m:
-            res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp", "xgboost", "logreg"),
-                                           folds=folds, seed=0, group_key="none")
-        t_all, peak_all = m["wall"], m["peak_mb"]
-        with measured() as m:
-            scdm_eval.run_evaluation(store, models=["synth"], classifiers=("logreg",), folds=folds, seed=0,
-                                     group_key="none")
-        t_old = t_loop + xgb_wall.get("(c) XGBoost, 0.2.0 settings", float("nan")) + m["wall"]
-        row("(e) mlp+xgboost+logreg grid, scdm defaults", f"{n_grid:,}", len(res), f"{t_all:.1f}", "",
-            f"{t_old / t_all:.2f}x faster", "", "", "", "", f"{res['auroc'].mean():.3f}", f"{peak_all:.0f}",
-            f"{peak_all / slice_mb:.2f}")
-        row("(e)   scDrugMap-style: (b) loop + (c) 0.2.0 XGBoost + logreg", f"{n_grid:,}", "", f"{t_old:.1f}")
-        del X
-
-        # -- (d) pooled and cross, each classifier alone, by size
-        for n in sizes:
-            store = tmp / f"s{n}.zarr"
-            make_store(store, n, seed=1)
-            slice_mb = n * DIM * 4 / 1e6
-            for scheme in ("pooled", "cross"):
-                for clf in ("mlp", "xgboost", "logreg"):
-                    with measured() as m:
-                        res = scdm_eval.run_evaluation(store, models=["synth"], scheme=scheme, classifiers=(clf,),
-                                                       folds=folds, seed=0, group_key="sample")
-                    row(f"(d) {scheme} {folds if scheme == 'pooled' else 'LOSO'}, {clf}", f"{n:,}", len(res),
-                        f"{m['wall']:.1f}", "", "", "", "", "", "", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}",
-                        f"{m['peak_mb'] / slice_mb:.2f}")
-            if n >= 500_000:
-                with measured() as m:
-                    res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=10, seed=0,
-                                                   protocol="scdrugmap")
-                g = sum(mlp_gflop(DIM, int(r.n_train), int(r.n_test), 10) for r in res.itertuples())
-                row("(d) pooled 10, MLP scdrugmap schedule", f"{n:,}", len(res), f"{m['wall']:.1f}", "",
-                    f"{m['wall'] / (g / top):.2f}x FLOP time", f"{g:.0f}", f"{g / m['wall']:.0f}", pct(g, m["wall"]),
-                    f"{g / m['cpu']:.0f}", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
-            shutil.rmtree(store, ignore_errors=True)
+        if set(args.parts) & set("abce"):
+            measure_grid(tmp, n_grid, folds, cores, top, pct)
+        if "d" in args.parts:
+            measure_sizes(tmp, sizes, folds, top, pct, d_classifiers, big)
     print(f"(load average {os.getloadavg()[0]:.1f} at the end; RSS/slice = peak RSS above the run's start / the "
           "embedding slice it evaluates)", flush=True)
+
+
+def measure_grid(tmp: Path, n_grid: int, folds: int, cores: int, top: float, pct) -> None:  # noqa: C901
+    """(a), (b), (c), (e) on one n_grid-cell store."""
+    import scdm_eval
+    from scdm_embed.errors import ScdmError
+    from scdm_embed.store import EmbeddingStore
+
+    # -- (a) + (b): the MLP grid with the scDrugMap schedule, its fits one by one, the plain loop
+    store = tmp / "grid.zarr"
+    make_store(store, n_grid)
+    with measured() as m:
+        res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=folds, seed=0,
+                                       protocol="scdrugmap")
+    splits = scdm_eval.load_splits(store, res.attrs["split"])
+    parts = list(splits)
+    y = splits.table["label"].to_numpy().astype(np.int64)
+    gflop = sum(mlp_gflop(DIM, len(p.train), len(p.test), 10) for p in parts)
+    X, _ = EmbeddingStore(store).load("synth", cells=splits.table.index)
+    slice_mb = X.nbytes / 1e6
+    t_fits = 0.0
+    c0 = time.process_time()
+    for p in parts:
+        clf = scdm_eval.make_classifier("mlp", seed=0, **{**SCDRUGMAP_MLP, "threads": cores})
+        t = time.perf_counter()
+        clf.fit(X, y[p.train], rows=p.train)
+        clf.predict_proba(X[p.test])
+        t_fits += time.perf_counter() - t
+    c_fits = time.process_time() - c0
+    t_grid = m["wall"]
+    row("(a) MLP grid, scdrugmap schedule", f"{n_grid:,}", len(res), f"{t_grid:.1f}", f"{t_fits:.1f}",
+        f"{t_grid / t_fits:.2f}", f"{gflop:.0f}", f"{gflop / t_grid:.0f}", pct(gflop, t_grid),
+        f"{gflop / m['cpu']:.0f}", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
+    row("(a)   its fits one at a time (make_classifier)", f"{n_grid:,}", len(parts), f"{t_fits:.1f}", f"{t_fits:.1f}",
+        "1.00", f"{gflop:.0f}", f"{gflop / t_fits:.0f}", pct(gflop, t_fits), f"{gflop / c_fits:.0f}")
+    np.save(tmp / "X.npy", X)
+    with measured() as m:
+        auc_loop = scdrugmap_loop(tmp / "X.npy", y, parts, cores)
+    row("(b) scDrugMap-style torch loop, same folds", f"{n_grid:,}", len(parts), f"{m['wall']:.1f}", "",
+        f"{m['wall'] / t_grid:.2f}x", f"{gflop:.0f}", f"{gflop / m['wall']:.0f}", pct(gflop, m["wall"]),
+        f"{gflop / m['cpu']:.0f}", f"{auc_loop:.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
+    t_loop = m["wall"]
+    with measured() as m:
+        res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=folds, seed=0,
+                                       group_key="none")
+    row("(b) MLP grid, scdm defaults (early stopping)", f"{n_grid:,}", len(res), f"{m['wall']:.1f}", "",
+        f"{t_loop / m['wall']:.2f}x faster", "", "", "", "", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}",
+        f"{m['peak_mb'] / slice_mb:.2f}")
+    # -- (c) XGBoost per fit, today's defaults vs the 0.2.0 settings
+    xgb_wall: dict[str, float] = {}
+    for label, opts in (("(c) XGBoost, defaults", {}), ("(c) XGBoost, 0.2.0 settings", XGB_020)):
+        try:
+            with measured() as m:
+                res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("xgboost",), folds=folds,
+                                               seed=0, group_key="none",
+                                               classifier_options={"xgboost": opts} if opts else None)
+        except ScdmError as e:  # settings this version does not know
+            row(label, f"{n_grid:,}", "", f"n/a: {e.problem}")
+            continue
+        row(label, f"{n_grid:,}", len(res), f"{m['wall']:.1f}", f"{m['wall'] / len(res):.2f}/fit", "", "", "", "",
+            "", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
+        xgb_wall[label] = m["wall"]
+    # -- (e) end to end, the three classifiers: the default grid in one call vs the scDrugMap-style
+    #    way (the per-fold torch loop of (b), XGBoost with the 0.2.0 settings of (c), then logreg)
+    with measured() as m:
+        res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp", "xgboost", "logreg"),
+                                       folds=folds, seed=0, group_key="none")
+    t_all, peak_all = m["wall"], m["peak_mb"]
+    with measured() as m:
+        scdm_eval.run_evaluation(store, models=["synth"], classifiers=("logreg",), folds=folds, seed=0,
+                                 group_key="none")
+    t_old = t_loop + xgb_wall.get("(c) XGBoost, 0.2.0 settings", float("nan")) + m["wall"]
+    row("(e) mlp+xgboost+logreg grid, scdm defaults", f"{n_grid:,}", len(res), f"{t_all:.1f}", "",
+        f"{t_old / t_all:.2f}x faster", "", "", "", "", f"{res['auroc'].mean():.3f}", f"{peak_all:.0f}",
+        f"{peak_all / slice_mb:.2f}")
+    row("(e)   scDrugMap-style: (b) loop + (c) 0.2.0 XGBoost + logreg", f"{n_grid:,}", "", f"{t_old:.1f}")
+    del X
+    shutil.rmtree(store, ignore_errors=True)
+
+
+def measure_sizes(tmp: Path, sizes: list[int], folds: int, top: float, pct, classifiers: list[str], big: set[int]) -> None:
+    """(d): pooled and cross, each classifier alone, by size (and the scdrugmap MLP grid at the ``big`` sizes)."""
+    import scdm_eval
+
+    for n in sizes:
+        store = tmp / f"s{n}.zarr"
+        make_store(store, n, seed=1)
+        slice_mb = n * DIM * 4 / 1e6
+        for scheme in ("pooled", "cross"):
+            for clf in classifiers:
+                with measured() as m:
+                    res = scdm_eval.run_evaluation(store, models=["synth"], scheme=scheme, classifiers=(clf,),
+                                                   folds=folds, seed=0, group_key="sample")
+                row(f"(d) {scheme} {folds if scheme == 'pooled' else 'LOSO'}, {clf}", f"{n:,}", len(res),
+                    f"{m['wall']:.1f}", "", "", "", "", "", "", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}",
+                    f"{m['peak_mb'] / slice_mb:.2f}")
+        if n in big:
+            with measured() as m:
+                res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=10, seed=0,
+                                               protocol="scdrugmap")
+            g = sum(mlp_gflop(DIM, int(r.n_train), int(r.n_test), 10) for r in res.itertuples())
+            row("(d) pooled 10, MLP scdrugmap schedule", f"{n:,}", len(res), f"{m['wall']:.1f}", "",
+                f"{m['wall'] / (g / top):.2f}x FLOP time", f"{g:.0f}", f"{g / m['wall']:.0f}", pct(g, m["wall"]),
+                f"{g / m['cpu']:.0f}", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
+        shutil.rmtree(store, ignore_errors=True)
 
 
 if __name__ == "__main__":
