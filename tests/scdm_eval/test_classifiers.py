@@ -188,3 +188,15 @@ def test_chunked_prediction_of_rows_equals_one_call(name, data):
     m = make_classifier(name, seed=0, **FAST.get(name, {})).fit(Xtr, ytr)
     rows = np.array([5, 3, 99, 0, 42, 17, 64])
     np.testing.assert_allclose(predict_rows(m, Xte, rows, chunk=3), m.predict_proba(Xte[rows])[:, 1], rtol=0, atol=1e-6)
+
+
+def test_mlp_device_auto_uses_a_gpu_when_present_and_cuda_without_one_is_refused(data):
+    Xtr, ytr, Xte, _ = data
+    auto = make_classifier("mlp", seed=0, **FAST["mlp"]).fit(Xtr, ytr)
+    assert auto.torch_device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():  # the same weights at start; GPU GEMMs round differently
+        cpu = make_classifier("mlp", seed=0, device="cpu", **FAST["mlp"]).fit(Xtr, ytr)
+        np.testing.assert_allclose(auto.predict_proba(Xte), cpu.predict_proba(Xte), atol=1e-2)
+    else:
+        with pytest.raises(ScdmError, match="CUDA"):
+            make_classifier("mlp", device="cuda")
