@@ -200,3 +200,11 @@ def test_mlp_device_auto_uses_a_gpu_when_present_and_cuda_without_one_is_refused
     else:
         with pytest.raises(ScdmError, match="CUDA"):
             make_classifier("mlp", device="cuda")
+
+
+def test_mlp_training_leaves_denormals_as_they_were(data):
+    """Training flushes denormals to zero for speed; afterwards torch computes with them again."""
+    Xtr, ytr, _, _ = data
+    make_classifier("mlp", seed=0, **FAST["mlp"]).fit(Xtr, ytr)
+    tiny = torch.tensor([1e-39], dtype=torch.float32)
+    assert float((tiny * 1.0).item()) != 0.0
