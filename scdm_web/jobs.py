@@ -156,6 +156,7 @@ class JobRunner:
             bundle_key = job.bundle
             upload_name = s.get(Upload, job.upload_id).stored_name
         scratch = None
+        final: dict = {}
         try:
             self._update(job_id, status="running", progress=0.0, stage="preparing the embedding store")
             bundle = self.bundles.get(bundle_key)
@@ -172,17 +173,20 @@ class JobRunner:
                 self._update(job_id, progress=_EMBEDDED, stage="predicting")
                 res = predict(bundle, scratch, dataset=name, out=out)
             n1 = int((res["predicted"] == "sensitive").sum())
-            self._update(job_id, status="done", progress=1.0, stage="done", result_name=out.name, n_cells=len(res),
-                         n_sensitive=n1, finished=now())
+            final = dict(status="done", progress=1.0, stage="done", result_name=out.name, n_cells=len(res),
+                         n_sensitive=n1)
         except ScdmError as e:
-            self._update(job_id, status="failed", stage="failed", message=e.problem, hint=e.fix or "", finished=now())
+            final = dict(status="failed", stage="failed", message=e.problem, hint=e.fix or "")
         except Exception as e:  # a bug: keep the server alive, show it on the job page
             traceback.print_exc()
-            self._update(job_id, status="failed", stage="failed", message=f"{type(e).__name__}: {e}",
-                         hint="this is a bug in scdm: please report it with the file", finished=now())
+            final = dict(status="failed", stage="failed", message=f"{type(e).__name__}: {e}",
+                         hint="this is a bug in scdm: please report it with the file")
         finally:
+            # the scratch store goes BEFORE the job is reported finished: a finished job leaves nothing behind
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+            if final:
+                self._update(job_id, **final, finished=now())
 
     def wait(self, job_id: int, timeout: float | None = None) -> None:
         """Block until job ``job_id`` has run (API / tests)."""

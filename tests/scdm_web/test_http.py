@@ -140,6 +140,7 @@ def test_path_traversal_in_names_and_parameters(server, client, web_data, tmp_pa
     # a client file name is never a path: stored under a generated name in uploads/
     jid = _job_id(_post(client, server.url, content, name="../../../../evil.h5ad"))
     assert wait_job(client, server.url, jid)["status"] == "done"
+    assert not (server.work / "scratch" / f"job-{jid}.zarr").exists()  # a finished job left no scratch store
     assert all(re.fullmatch(r"[0-9a-f]{32}\.h5ad", n) for n in _stored(server))
     assert not list(server.work.parent.rglob("evil.h5ad")) and not list(web_data.root.rglob("evil.h5ad"))
     # bundle and model names: only the listed ones
