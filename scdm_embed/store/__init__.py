@@ -16,6 +16,7 @@ from ._core import (
     check_name,
     check_store_path,
     is_write_failure,
+    shared_strings,
     store_lock,
     store_os_error,
     store_writable,
@@ -34,5 +35,5 @@ from .schema import (
 
 __all__ = ["DEFAULT_STORE", "EMBEDDING_CODECS", "FORMAT_VERSION", "VERSIONS", "DatasetRecord", "EmbeddingInfo",
            "EmbeddingRecord", "EmbeddingStore", "Migration", "Provenance", "SplitRecord", "StoreRecord", "Telemetry",
-           "cells_hash", "check_name", "check_store_path", "is_write_failure", "migrate_store", "store_lock",
-           "store_os_error", "store_writable"]
+           "cells_hash", "check_name", "check_store_path", "is_write_failure", "migrate_store", "shared_strings",
+           "store_lock", "store_os_error", "store_writable"]

@@ -90,6 +90,20 @@ def cells_hash(cells: pd.DataFrame) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def shared_strings(values: np.ndarray) -> np.ndarray:
+    """An object array equal to ``values`` whose repeated strings are ONE object each.
+
+    A cell table read back holds a fresh string object per cell and column (~60 bytes; a third
+    of a 512-d embedding row over a few columns); the study, sample and response of a cell are
+    a handful of distinct values. Missing values (NaN, None) are kept as they are.
+    """
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    out = np.asarray(values, dtype=object).copy()
+    seen = codes >= 0
+    out[seen] = np.asarray(uniques, dtype=object)[codes[seen]]
+    return out
+
+
 def store_location(path: str | Path) -> Path | str:
     """A local store path, or the fsspec URL a store path names (``s3://``, ``gs://``, ``memory://``, ...).
 
@@ -413,6 +427,9 @@ class EmbeddingStore:
             except (ValueError, RuntimeError, OSError, KeyError) as e:
                 raise StoreError(f"the cell table of dataset {ds!r} in {str(self.path)!r} cannot be read ({e})",
                                  f"re-extract it: `scdm-embed extract INPUT --dataset {ds} --store {self.path} --overwrite`") from None
+            for col in df.columns:
+                if df[col].dtype == object:
+                    df[col] = shared_strings(df[col].to_numpy())
             df.insert(0, "row", np.arange(len(df)))
             df.insert(0, "dataset", ds)
             df.index = pd.Index([f"{ds}/{c}" for c in df.index], name="cell")

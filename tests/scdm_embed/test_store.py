@@ -76,6 +76,32 @@ def test_cells_and_labels(store, pc9_small):
     assert set(cells.columns) >= {"dataset", "row", "label", "study", "drug", "tissue"}
 
 
+def test_cell_table_strings_are_shared(tmp_path):
+    """A cell table read back keeps its values and holds each repeated string once."""
+    import pandas as pd
+
+    st = EmbeddingStore(tmp_path / "s.zarr", mode="a")
+    cells = pd.DataFrame({"label": np.array([1, 0, 1, 0], np.int8),
+                          "response": ["sensitive", "resistant", "sensitive", "resistant"],
+                          "sample": ["s1", "s1", "s3", "s2"]},
+                         index=pd.Index([f"c{i}" for i in range(4)], name="cell_id"))
+    st.put_dataset("d", cells, input_hash="h")
+    got = EmbeddingStore(tmp_path / "s.zarr").cells()
+    assert list(got["response"]) == list(cells["response"]) and list(got["sample"]) == list(cells["sample"])
+    assert got["response"].iloc[0] is got["response"].iloc[2]
+    assert got["sample"].iloc[0] is got["sample"].iloc[1]
+
+
+def test_shared_strings_keeps_missing_values():
+    from scdm_embed.store import shared_strings
+
+    vals = np.array(["s-1", None, "s-2", np.nan, "".join(["s-", "1"])], dtype=object)
+    assert vals[0] is not vals[4]  # two equal strings, two objects
+    out = shared_strings(vals)
+    assert out.dtype == object and out[1] is None and isinstance(out[3], float) and np.isnan(out[3])
+    assert list(out[[0, 2, 4]]) == ["s-1", "s-2", "s-1"] and out[0] is out[4]
+
+
 def test_partial_read_matches_full(store):
     st = EmbeddingStore(store)
     X, cells = st.load("pca")
