@@ -70,7 +70,17 @@ def _rss() -> int:
 
 @contextmanager
 def measured() -> Iterator[dict[str, float]]:
-    """Wall, CPU seconds and peak RSS above the start (a 5 ms sampling thread) of the block."""
+    """Wall, CPU seconds and peak RSS above the start (a 5 ms sampling thread) of the block.
+
+    The start is taken after a garbage collection and a trim of the C heap, so that what an
+    earlier row left in the heap neither inflates nor hides this row's memory.
+    """
+    import gc
+
+    from scdm_eval._classifiers import release_heap
+
+    gc.collect()
+    release_heap()
     out: dict[str, float] = {}
     start, peak, stop = _rss(), [_rss()], threading.Event()
 
