@@ -100,37 +100,27 @@ def measured() -> Iterator[dict[str, float]]:
         out["peak_mb"] = (max(peak[0], _rss()) - start) / 1e6
 
 
+def gemm_rate(threads: int, shape: tuple[int, int, int] = (2048, 2048, 2048), reps: int = 1, tries: int = 3) -> float:
+    """fp32 GEMM GFLOP/s of an ``m x k @ k x n`` product on ``threads`` torch threads: best of ``tries`` runs of ``reps``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    m, k, n = shape
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = float("inf")
+    for _ in range(tries):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n * reps / best / 1e9
+
+
 def gemm_peak(threads: int) -> dict[str, float]:
     """fp32 GEMM GFLOP/s with ``threads`` torch threads, best of 3, at the MLP's shape and at 2048^3."""
-    import torch
-
-    torch.set_num_threads(threads)
-    out = {}
-    for name, (m, k, n), reps in (("128x512x512", (128, 512, 512), 400), ("2048^3", (2048, 2048, 2048), 4)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        a @ b
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            best = min(best, time.perf_counter() - t)
-        out[name] = 2 * m * k * n * reps / best / 1e9
-    return out
-
-
-def gemm_rate(threads: int, reps: int = 3) -> float:
-    """fp32 GEMM GFLOP/s at 2048^3 now (best of ``reps`` single products, ~0.3 s)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048 ** 3 / best / 1e9
+    return {"128x512x512": gemm_rate(threads, (128, 512, 512), reps=400),
+            "2048^3": gemm_rate(threads, (2048, 2048, 2048), reps=4)}
 
 
 def mlp_gflop(d: int, n_train: int, n_test: int, epochs: int) -> float:

@@ -85,9 +85,9 @@ def check_finite(X: np.ndarray, model: str, keys: Sequence[str]) -> np.ndarray:
 
     Checked in blocks of rows: no boolean copy of the whole matrix (a quarter of its size).
     """
-    step = 1 << 14
-    bad = np.concatenate([~np.isfinite(X[a:a + step]).all(axis=1) for a in range(0, len(X), step)] or
-                         [np.zeros(0, bool)])
+    bad, step = np.zeros(len(X), bool), 1 << 14
+    for a in range(0, len(X), step):
+        bad[a:a + step] = ~np.isfinite(X[a:a + step]).all(axis=1)
     if bad.any():
         raise StoreError(f"model {model!r} has {int(bad.sum())} cells with non-finite embeddings "
                          f"(e.g. {keys[np.flatnonzero(bad)[0]]})",
