@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -183,3 +184,15 @@ def test_workers_times_threads_never_exceed_the_cores():
     for n_jobs in (-1, 1, 2, 3, 5, 16):
         w, t = plan_workers(n_jobs, 100, cores=4)
         assert w * t <= 4
+
+
+def test_non_finite_row_in_a_later_block_is_named():
+    """The finite check runs in row blocks: a NaN far past the first block is still found, and named."""
+    from scdm_eval._run import check_finite
+
+    X = np.zeros((40_000, 3), np.float32)
+    X[33_333, 1] = np.inf
+    keys = [f"d/c{i}" for i in range(len(X))]
+    with pytest.raises(StoreError, match=r"1 cells with non-finite embeddings \(e\.g\. d/c33333\)"):
+        check_finite(X, "m", keys)
+    assert check_finite(X[:33_333], "m", keys) is not None
