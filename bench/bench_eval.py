@@ -10,6 +10,8 @@ through the public API (``scdm_eval.run_evaluation``, ``make_classifier``, ``loa
   (6 x weights per training cell per epoch + 2 x weights per test cell) over the grid's wall, and
   over the sum of its fits timed one by one (same folds, same settings, ``make_classifier``);
   ``grid/fits`` is the grid's overhead (target <= 1.3), ``% peak`` during fits (target >= 60%).
+  The grid runs its MLP fits one per core at once (``concurrent_fits``); the same grid with each
+  fit on every core, one at a time, runs next to it (``mlp.threads=<cores>``) for the ratio.
   A virtual machine's sustained GEMM rate drifts (here 100-165 GFLOP/s over 40 s), so each fit is
   also set against the 2048^3 rate measured right before and after it (median, min, max).
 - (b) a plain per-fold scDrugMap-style torch loop (reload the matrix, DataLoader, same network,
@@ -21,7 +23,9 @@ through the public API (``scdm_eval.run_evaluation``, ``make_classifier``, ``loa
 - (d) wall and peak RSS (sampled in-process, above the run's start) of pooled 10-fold and cross
   (leave-one-study-out) for each classifier alone, at 20k and 100k cells (500k with ``--full``).
   The classifiers' libraries are imported and warmed by one tiny fit first (a row of its own):
-  code pages and thread pools are a fixed cost, not the grid's memory.
+  code pages and thread pools are a fixed cost, not the grid's memory. With two sizes or more,
+  a line through each scheme x classifier's peaks: ``fixed`` MB (work buffers whatever the
+  cells) + ``slope`` x the slice (the part that grows with cells; <= 2 is the target at scale).
 
 ``GFLOP/cpu-s`` (FLOPs per CPU second of this process) is the steadier figure on a busy machine.
 ``--quick``: small sizes and 3 folds (under ~2 minutes). Benches never assert.
@@ -50,7 +54,7 @@ HIDDEN = (512, 512)
 SCDRUGMAP_MLP = {"hidden": "512,512", "lr": 1e-4, "weight_decay": 0.01, "batch_size": 128, "max_epochs": 10,
                  "early_stopping": False, "keep": "last", "scale": False, "loss": "bce"}
 XGB_020 = {"n_estimators": 200, "max_depth": 6, "max_bin": 256, "subsample": 1.0, "colsample_bytree": 1.0,
-           "early_stopping": False}
+           "early_stopping": False, "sketch_rows": 0}
 COLS = ("measure", "cells", "fits", "wall s", "fits s", "grid/fits", "GFLOP", "GFLOP/s", "% peak", "GFLOP/cpu-s",
         "AUROC", "peak RSS MB", "RSS/slice")
 WIDTHS = (44, 7, 4, 7, 7, 9, 7, 7, 6, 11, 6, 11, 9)
@@ -265,10 +269,21 @@ def measure_grid(tmp: Path, n_grid: int, folds: int, cores: int, top: float, pct
         g = mlp_gflop(DIM, len(p.train), len(p.test), 10)
         adjacent.append((g / dt / max(before, gemm_rate(cores)), before))
     t_grid = m["wall"]
-    row("(a) MLP grid, scdrugmap schedule", f"{n_grid:,}", len(res), f"{t_grid:.1f}", f"{t_fits:.1f}",
-        f"{t_grid / t_fits:.2f}", f"{gflop:.0f}", f"{gflop / t_grid:.0f}", pct(gflop, t_grid),
-        f"{gflop / m['cpu']:.0f}", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
-    row("(a)   its fits one at a time (make_classifier)", f"{n_grid:,}", len(parts), f"{t_fits:.1f}", f"{t_fits:.1f}",
+    k = res.attrs["params"]["concurrent_fits"].get("mlp", 1)
+    row(f"(a) MLP grid, scdrugmap schedule ({k} fit{'s' if k > 1 else ''} at once)", f"{n_grid:,}", len(res),
+        f"{t_grid:.1f}", f"{t_fits:.1f}", f"{t_grid / t_fits:.2f}", f"{gflop:.0f}", f"{gflop / t_grid:.0f}",
+        pct(gflop, t_grid), f"{gflop / m['cpu']:.0f}", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}",
+        f"{m['peak_mb'] / slice_mb:.2f}")
+    if k > 1:  # the same grid with each fit on every core, one at a time (what the grid did before)
+        with measured() as m1:
+            res1 = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=folds, seed=0,
+                                            protocol="scdrugmap", classifier_options={"mlp": {"threads": cores}})
+        row(f"(a)   the same grid, one fit at a time x {cores} threads", f"{n_grid:,}", len(res1),
+            f"{m1['wall']:.1f}", f"{t_fits:.1f}", f"{m1['wall'] / t_fits:.2f}", f"{gflop:.0f}",
+            f"{gflop / m1['wall']:.0f}", pct(gflop, m1["wall"]), f"{gflop / m1['cpu']:.0f}",
+            f"{res1['auroc'].mean():.3f}", f"{m1['peak_mb']:.0f}", f"{m1['peak_mb'] / slice_mb:.2f}")
+        row(f"(a)   {k} fits at once vs one at a time", "", "", "", "", f"{m1['wall'] / t_grid:.2f}x faster")
+    row(f"(a)   its fits one by one x {cores} threads (make_classifier)", f"{n_grid:,}", len(parts), f"{t_fits:.1f}", f"{t_fits:.1f}",
         "1.00", f"{gflop:.0f}", f"{gflop / t_fits:.0f}", pct(gflop, t_fits), f"{gflop / c_fits:.0f}")
     share = np.array([a for a, _ in adjacent])
     near = np.array([b for _, b in adjacent])
@@ -342,6 +357,7 @@ def measure_sizes(tmp: Path, sizes: list[int], folds: int, top: float, pct, clas
             c.predict_proba(Xw)
     row(f"(d) imports + one tiny fit of {'/'.join(classifiers)}", "512", len(classifiers), f"{m['wall']:.1f}", "", "",
         "", "", "", "", "", f"{m['peak_mb']:.0f}", "(fixed)")
+    seen: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (scheme, classifier) -> (slice MB, peak MB)
     for n in sizes:
         store = tmp / f"s{n}.zarr"
         make_store(store, n, seed=1)
@@ -354,6 +370,7 @@ def measure_sizes(tmp: Path, sizes: list[int], folds: int, top: float, pct, clas
                 row(f"(d) {scheme} {folds if scheme == 'pooled' else 'LOSO'}, {clf}", f"{n:,}", len(res),
                     f"{m['wall']:.1f}", "", "", "", "", "", "", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}",
                     f"{m['peak_mb'] / slice_mb:.2f}")
+                seen.setdefault((scheme, clf), []).append((slice_mb, m["peak_mb"]))
         if n in big:
             with measured() as m:
                 res = scdm_eval.run_evaluation(store, models=["synth"], classifiers=("mlp",), folds=10, seed=0,
@@ -363,6 +380,13 @@ def measure_sizes(tmp: Path, sizes: list[int], folds: int, top: float, pct, clas
                 f"{m['wall'] / (g / top):.2f}x FLOP time", f"{g:.0f}", f"{g / m['wall']:.0f}", pct(g, m["wall"]),
                 f"{g / m['cpu']:.0f}", f"{res['auroc'].mean():.3f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] / slice_mb:.2f}")
         shutil.rmtree(store, ignore_errors=True)
+    # a line through the sizes: what a grid holds whatever the cells (work buffers, the library's
+    # own) and what it holds per MB of slice; "linear in cells" and the <= 2x target at scale
+    for (scheme, clf), pts in seen.items():
+        if len(pts) > 1:
+            slope, fixed = np.polyfit(*np.array(pts).T, 1)
+            row(f"(d) {scheme}, {clf}: peak RSS ~ fixed + slope x slice", "", "", "", "", "", "", "", "", "", "",
+                f"{fixed:.0f} fixed", f"{slope:.2f} slope")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -125,11 +126,19 @@ def _torch_threads(n: int) -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
+    if before == n:  # concurrent fits (:func:`fit_score_concurrently`) set it once for all of them
+        yield
+        return
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+#: torch's global RNG seeds a network's initial weights: one network is built at a time
+_INIT_LOCK = threading.Lock()
+_FTZ_LOCK, _FTZ_DEPTH = threading.Lock(), [0]
 
 
 @contextlib.contextmanager
@@ -142,11 +151,16 @@ def _flush_denormals() -> Iterator[None]:
     """
     import torch
 
-    torch.set_flush_denormal(True)
+    with _FTZ_LOCK:  # counted: the last of concurrent fits to finish restores the default
+        _FTZ_DEPTH[0] += 1
+        torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        with _FTZ_LOCK:
+            _FTZ_DEPTH[0] -= 1
+            if not _FTZ_DEPTH[0]:
+                torch.set_flush_denormal(False)
 
 
 def _hidden(v: str) -> str | None:
@@ -286,9 +300,10 @@ class MLPClassifier(_Settings):
         self._place()
         rng = np.random.default_rng(self.seed)
         tr_rows, ytr = rows[tr], torch.from_numpy(y[tr]).to(self._dev)
-        with torch.random.fork_rng(devices=[]), _torch_threads(_threads(self.threads)), _flush_denormals():
+        with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # the only draws from torch's RNG
             torch.manual_seed(self.seed)
             net = self._net(X.shape[1]).to(self._dev)  # initialised on the CPU: the same weights on any device
+        with _torch_threads(_threads(self.threads)), _flush_denormals():
             # fused AdamW: one kernel per step instead of ~12 per parameter tensor (the per-tensor
             # loop took a third of a d-512-512-2 fit on CPU; bench/bench_eval.py)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
@@ -335,8 +350,9 @@ class MLPClassifier(_Settings):
         self.net_.to(self._dev)
         out = []
         with _torch_threads(_threads(self.threads)), torch.no_grad():
-            for b in range(0, len(X), _CHUNK):
-                z = self.net_(self._inputs(X, np.arange(b, min(b + _CHUNK, len(X)))))
+            step = _CHUNK // 8  # 1,024 rows: each layer's activations a few MB, whatever the test set
+            for b in range(0, len(X), step):
+                z = self.net_(self._inputs(X, np.arange(b, min(b + step, len(X)))))
                 if self.loss == "bce":
                     p = torch.sigmoid(z[:, 1]).double().cpu().numpy()
                     out.append(np.column_stack([1.0 - p, p]))
@@ -375,7 +391,12 @@ class XGBoostClassifier(_Settings):
     Defaults chosen by measurement (``bench/bench_eval.py``; 20k cells x 512-d): 200 rounds at
     eta 0.3, depth 5, 32 bins, 80% of the cells and 30% of the features per tree: about 4x less
     CPU per fit than 200 rounds of depth 6 on 256 bins without subsampling, at an equal AUROC on
-    cell-level folds and a better one on sample-grouped folds (depth 6 / 64 bins: 1.4x slower, same AUROC). Early
+    cell-level folds and a better one on sample-grouped folds (depth 6 / 64 bins: 1.4x slower, same AUROC).
+    The bin edges come from ``sketch_rows`` sampled training cells: xgboost's sketch of the whole
+    matrix peaked at ~2.5x the slice it quantised at 18k cells (+94-111 MB, in fresh processes)
+    for no AUROC gain (every cell vs 4,096 of 18k synthetic cells: 0.6056 vs 0.6004 grouped, 0.9986
+    vs 0.9988 cell-level; every cell vs 1,024 of 1,908 real PC9 cells: 0.9045 vs 0.9003 hvg,
+    0.8796 vs 0.8785 pca), at 1.2x the time. Early
     stopping is off by default: under sample-grouped folds its validation split holds a few
     samples, stopped boosting after 1-20 rounds and cost ~0.2 AUROC there. With
     ``early_stopping=true`` boosting stops after ``early_stopping_rounds`` rounds without a
@@ -390,6 +411,8 @@ class XGBoostClassifier(_Settings):
         Option("max_depth", int, 5, "tree depth", check=at_least(1)),
         Option("learning_rate", float, 0.3, "shrinkage per round", check=greater_than(0)),
         Option("max_bin", int, 32, "histogram bins per feature", check=at_least(2)),
+        Option("sketch_rows", int, 4096, "training cells (a seeded random subset) that place the bin edges; "
+               "0: all of them", check=at_least(0)),
         Option("subsample", float, 0.8, "share of training cells per tree", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         Option("colsample_bytree", float, 0.3, "share of features per tree", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         Option("min_child_weight", float, 1.0, "minimum hessian per leaf", check=at_least(0)),
@@ -413,7 +436,13 @@ class XGBoostClassifier(_Settings):
         tr, va = validation_split(y, None if groups is None else np.asarray(groups), frac, self.seed)
         self.n_train_, self.n_val_ = len(tr), len(va)
         nthread = _threads(self.threads)
-        dtrain = xgb.QuantileDMatrix(_rows_iter(X, rows[tr], y[tr], _CHUNK), max_bin=self.max_bin, nthread=nthread)
+        ref = None
+        if 0 < self.sketch_rows < len(tr):  # bin edges from a sample: the full-matrix sketch costs ~2x the slice
+            pick = np.sort(np.random.default_rng(self.seed).choice(len(tr), self.sketch_rows, replace=False))
+            ref = xgb.QuantileDMatrix(_gather(X, rows[tr[pick]]), max_bin=self.max_bin, nthread=nthread)
+        dtrain = xgb.QuantileDMatrix(_rows_iter(X, rows[tr], y[tr], _CHUNK // 4), max_bin=self.max_bin, nthread=nthread,
+                                     ref=ref)
+        del ref
         params = {"tree_method": "hist", "objective": "binary:logistic", "eval_metric": "logloss", "seed": self.seed,
                   "nthread": nthread, "max_bin": self.max_bin, "max_depth": self.max_depth, "eta": self.learning_rate,
                   "subsample": self.subsample, "colsample_bytree": self.colsample_bytree,
@@ -458,6 +487,25 @@ def logreg_pipeline(mean: np.ndarray, scale: np.ndarray, n_seen: Any, coef: np.n
     return make_pipeline(scaler, lr)
 
 
+def row_runs(rows: np.ndarray, min_run: int = 256) -> list[tuple[int, int]] | None:
+    """``rows`` as ``[(start, stop), ...]`` blocks of consecutive rows, or None when they are not increasing
+    or their blocks average under ``min_run`` rows (too short for a view's GEMV to pay).
+
+    Study and sample blocks are consecutive in a store, so most partitions' rows are a few blocks.
+    """
+    rows = np.asarray(rows)
+    if len(rows) == 0:
+        return []
+    step = np.diff(rows)
+    if (step <= 0).any():
+        return None
+    cut = np.flatnonzero(step != 1) + 1
+    if len(rows) < min_run * (len(cut) + 1):
+        return None
+    starts, stops = rows[np.r_[0, cut]], rows[np.r_[cut - 1, len(rows) - 1]] + 1
+    return [(int(a), int(e)) for a, e in zip(starts, stops, strict=True)]
+
+
 def _logistic_lbfgs(X: np.ndarray, rows: np.ndarray, y: np.ndarray, mean: np.ndarray, scale: np.ndarray, C: float,
                     max_iter: int) -> tuple[np.ndarray, float, int]:
     """L2 logistic regression on the standardised rows ``X[rows]``, read in place: (coef, intercept, iterations).
@@ -465,35 +513,41 @@ def _logistic_lbfgs(X: np.ndarray, rows: np.ndarray, y: np.ndarray, mean: np.nda
     Minimises sklearn's objective (``C`` x summed log-loss + half the squared coefficients, the
     intercept unpenalised; here divided by the cell count) with scipy's L-BFGS-B and sklearn's
     tolerances. The standardisation is folded into the weights (``X @ (w / scale) - mean . (w /
-    scale)``), so no standardised copy exists. When the rows are most of ``X`` each pass is a
-    GEMV over all of ``X`` with zero weight on the other rows (no gathered copy); else the rows
-    are gathered once.
+    scale)``), so no standardised copy exists. Rows in long consecutive blocks (a study, a
+    sample: :func:`row_runs`) are read as views, block by block; scattered rows that are most of
+    ``X`` make each pass a GEMV over all of ``X`` (the other rows' residuals zero); scattered
+    rows that are few are gathered once.
     """
     from scipy.optimize import minimize
     from scipy.special import expit
 
-    if len(rows) < 0.6 * X.shape[0]:  # a small share of X: one gathered copy is cheaper than passes over all of it
-        X, rows = _gather(X, rows), np.arange(len(rows))
+    runs = row_runs(rows)
+    if runs is None and len(rows) < 0.6 * X.shape[0]:  # scattered, a small share of X: one gathered copy
+        X, rows = _gather(X, rows), np.arange(len(rows))  # is cheaper than passes over all of it
+        runs = [(0, len(rows))]
     n, d = X.shape
-    full = len(rows) == n and (rows == np.arange(n)).all()
     inv = (1.0 / scale.astype(np.float64))
     shift = mean.astype(np.float64) * inv
     yf = y.astype(np.float64)
-    r_all = np.zeros(n, np.float32)
+    r_all = np.zeros(n, np.float32) if runs is None else None
     m = len(rows)
 
     def f(p: np.ndarray) -> tuple[float, np.ndarray]:
         w, b = p[:d], p[d]
         v = (w * inv).astype(np.float32)
-        z_all = X @ v
-        z = (z_all if full else z_all[rows]).astype(np.float64) + (b - shift @ w)
+        # blocks: views of X's rows, no copy, no pass over the other rows
+        z32 = (X @ v)[rows] if runs is None else np.concatenate([X[a:e] @ v for a, e in runs])
+        z = z32.astype(np.float64) + (b - shift @ w)
         loss = np.logaddexp(0.0, z).sum() - yf @ z
         r = expit(z) - yf
-        if full:
-            g = X.T @ r.astype(np.float32)
-        else:
+        if runs is None:
             r_all[rows] = r
             g = X.T @ r_all
+        else:
+            r32, at, g = r.astype(np.float32), 0, np.zeros(d, np.float32)
+            for a, e in runs:
+                g += X[a:e].T @ r32[at:at + e - a]
+                at += e - a
         gw = (g.astype(np.float64) * inv - shift * r.sum()) / m + w / (C * m)
         return loss / m + 0.5 * (w @ w) / (C * m), np.append(gw, r.sum() / m)
 
@@ -648,17 +702,72 @@ def fit_score(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
 
     if warm_torch:
         _warm_torch()
+    with threadpool_limits(limits=threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. lbfgs convergence notes inside workers
+        return _fit_score(X, y, train, test, classifier, options, seed, threads=threads, groups=groups)
+
+
+def _fit_score(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, classifier: str,
+               options: dict[str, Any], seed: int, *, threads: int, groups: np.ndarray | None) -> dict[str, Any]:
+    """:func:`fit_score` without touching process-wide state (thread limits, warning filters)."""
     options = dict(options)
     if "threads" in options and not options["threads"]:
         options["threads"] = threads
-    with threadpool_limits(limits=threads), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # e.g. lbfgs convergence notes inside workers
-        clf = make_classifier(classifier, seed=seed, **options)
-        clf.fit(X, y[train], rows=train, groups=groups)
-        proba = predict_rows(clf, X, test)
+    clf = make_classifier(classifier, seed=seed, **options)
+    clf.fit(X, y[train], rows=train, groups=groups)
+    proba = predict_rows(clf, X, test)
     del clf
     release_heap()
     return {**compute_metrics(y[test], proba), "proba": proba}  # proba: P(sensitive) of the test rows, in order
+
+
+def concurrent_fits(classifier: str, options: Mapping[str, Any], cores: int, n_tasks: int) -> int:
+    """How many fits of ``classifier`` :func:`fit_score_concurrently` runs at once on ``cores`` (1: one at a time).
+
+    MLP fits on the CPU whose ``threads`` are left to the grid: a d-512-512-2 step at batch
+    128-256 is small GEMMs plus a fixed per-op cost, so one fit per core beats every core on
+    one fit (scdrugmap schedule, 18k x 512, 2 cores: 96-127 GFLOP/s for two 1-thread fits at
+    once against 76-99 one at a time on 2 threads; bench/bench_eval.py). XGBoost and the
+    logistic regression scale over threads and hold per-fit buffers that would add up: one at a time.
+    """
+    if classifier != "mlp" or options.get("threads", 0) or cores < 2 or n_tasks < 2:
+        return 1
+    if options.get("device", "auto") == "cuda":
+        return 1
+    if options.get("device", "auto") == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    return min(cores, n_tasks)
+
+
+def fit_score_concurrently(tasks: list[tuple[tuple, dict[str, Any]]], fits: int, threads: int,
+                           advance=lambda: None) -> list[dict[str, Any]]:
+    """:func:`fit_score` of each ``(args, kwargs)`` task, ``fits`` at a time in threads of this process.
+
+    Each fit runs on ``threads`` cores (its classifier's ``threads`` setting); the process-wide
+    state (BLAS/OpenMP and torch thread counts, warning filters) is set once for all of them,
+    and networks are initialised one at a time from their seeds, so every result equals the same
+    task's :func:`fit_score` on ``threads`` cores. Results in task order.
+    """
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    def one(task: tuple[tuple, dict[str, Any]]) -> dict[str, Any]:
+        (X, y, train, test, classifier, options, seed, *_), kw = task
+        return _fit_score(X, y, train, test, classifier, options, seed, threads=threads, **kw)
+
+    out = []
+    with threadpool_limits(limits=threads), _torch_threads(threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with ThreadPoolExecutor(max_workers=fits, thread_name_prefix="scdm-fit") as pool:
+            for r in pool.map(one, tasks):
+                out.append(r)
+                advance()
+    return out
 
 
 def predict_rows(clf: Classifier, X: np.ndarray, rows: np.ndarray, chunk: int = _CHUNK // 2) -> np.ndarray:

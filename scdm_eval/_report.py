@@ -72,7 +72,9 @@ def to_markdown(results: pd.DataFrame, summary: pd.DataFrame | None = None) -> s
                 f"- split: `{results.attrs.get('split')}` ({p.get('n_cells')} cells; datasets {', '.join(p.get('datasets', []))})",
                 f"- models: {', '.join(p.get('models', []))}; classifiers: {', '.join(p.get('classifiers', []))}"]
         if p.get("settings"):  # every classifier setting that ran (protocol preset + --set)
-            out += [f"- protocol: {p.get('protocol')}; workers x threads per fit: {p.get('workers')} x {p.get('threads_per_fit')}"]
+            at_once = "".join(f"; {c}: {k} fits at once" for c, k in (p.get("concurrent_fits") or {}).items())
+            out += [f"- protocol: {p.get('protocol')}; workers x threads per fit: {p.get('workers')} x "
+                    f"{p.get('threads_per_fit')}{at_once}"]
             out += [f"- {c} settings: " + ", ".join(f"{k}={v}" for k, v in kv.items()) for c, kv in p["settings"].items() if kv]
     out += [f"- {CI_NOTE}; sensitive is the positive class", ""]
     if summary["leak_prone"].any():

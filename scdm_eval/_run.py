@@ -16,7 +16,16 @@ import pandas as pd
 from scdm_embed.errors import ScdmError, StoreError
 from scdm_embed.store import EmbeddingStore
 
-from ._classifiers import PROTOCOLS, available_cores, check_classifiers, fit_score, resolve_settings
+from ._classifiers import (
+    PROTOCOLS,
+    available_cores,
+    check_classifiers,
+    concurrent_fits,
+    fit_score,
+    fit_score_concurrently,
+    release_heap,
+    resolve_settings,
+)
 from ._metrics import METRICS
 from ._splits import (
     CELL_LEVEL,
@@ -177,21 +186,35 @@ def plan_workers(n_jobs: int, n_tasks: int, cores: int | None = None) -> tuple[i
     """(workers, threads per fit) for ``n_jobs``: workers x threads never exceed the cores.
 
     ``n_jobs=-1`` (default) and ``1``: one fit at a time in this process with every core (no
-    worker start-up, no re-imports, no copies; XGBoost hist and the MLP's GEMMs use the
-    threads). ``n_jobs=k``: ``k`` loky workers (at most the cores) x ``cores // k`` threads.
+    worker start-up, no re-imports, no copies; XGBoost hist uses the threads; MLP fits on the
+    CPU run one per core at once instead, see :func:`_grid`). ``n_jobs=k``: ``k`` loky workers (at most the cores) x ``cores // k`` threads.
     """
     cores = available_cores() if cores is None else cores
     workers = 1 if n_jobs < 0 else max(1, min(int(n_jobs), cores, n_tasks))
     return workers, max(1, cores // workers)
 
 
-def _grid(tasks: list[tuple[tuple, dict[str, Any]]], n_jobs: int, threads: int, advance) -> list[dict[str, Any]]:
-    """Run ``fit_score(*args, threads=threads, **kw)`` for each task: in this process, or over loky workers."""
-    out = []
+def _grid(tasks: list[tuple[tuple, dict[str, Any]]], n_jobs: int, threads: int, advance,
+          concurrent: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
+    """Run ``fit_score(*args, threads=threads, **kw)`` for each task: in this process, or over loky workers.
+
+    In this process, the tasks of a classifier in ``concurrent`` (name -> fits at once, see
+    :func:`concurrent_fits`) run that many at a time on ``threads // fits`` cores each.
+    """
+    out: list[dict[str, Any] | None] = []
     if n_jobs == 1:
+        concurrent = {c: k for c, k in (concurrent or {}).items() if k > 1}
         for args, kw in tasks:
+            if args[4] in concurrent:
+                out.append(None)
+                continue
             out.append(fit_score(*args, threads=threads, **kw))
             advance()
+        for c, k in concurrent.items():
+            at = [i for i, (args, _) in enumerate(tasks) if args[4] == c]
+            done = fit_score_concurrently([tasks[i] for i in at], k, max(1, threads // k), advance)
+            for i, r in zip(at, done, strict=True):
+                out[i] = r
         return out
     from joblib import Parallel, delayed, parallel_config
 
@@ -246,8 +269,10 @@ def run_evaluation(
     The splits (see :func:`make_splits`) are made once per store and reused; for every
     ``models`` x partition x ``classifiers`` a classifier is fitted on the partition's
     training cells and scored on its test cells. ``n_jobs=-1``/``1``: one fit at a time with
-    every core; ``n_jobs=k``: k loky workers x (cores // k) threads (:func:`plan_workers`);
-    the same ``seed`` gives identical results.
+    every core, except MLP fits on the CPU, which run one per core at once in this process
+    (:func:`~scdm_eval._classifiers.concurrent_fits`; their recorded ``threads`` setting is the
+    count each ran on); ``n_jobs=k``: k loky workers x (cores // k) threads (:func:`plan_workers`);
+    the same ``seed`` and cores give identical results.
     ``protocol``: ``"scdm"`` (defaults, early stopping) or ``"scdrugmap"`` (the released
     scDrugMap MLP schedule and random cell-level folds; see :data:`PROTOCOLS`);
     ``classifier_options`` are laid over it, typed and checked, and every setting is
@@ -308,6 +333,13 @@ def run_evaluation(
     n_tasks = len(variants) * len(parts) * len(classifiers)
     workers, threads = plan_workers(int(n_jobs), n_tasks)
     n_tasks *= 1 + permutations
+    # in this process, MLP fits run one per core at once (concurrent_fits); their settings then
+    # record the thread count each fit ran on, so that a fold refit reproduces its row
+    in_process = workers == 1 and scheduler is None and dask_workers is None
+    concurrent = {c: concurrent_fits(c, settings[c], threads, len(variants) * len(parts)) if in_process else 1
+                  for c in classifiers}
+    grid_settings = {c: {**o, "threads": max(1, threads // concurrent[c])} if concurrent[c] > 1 else o
+                     for c, o in settings.items()}
     gkey = splits.params.get("group_key")
     groups = (cells[gkey].reindex(splits.table.index).astype(str).to_numpy(dtype=object)
               if gkey else None)  # early-stopping splits of a grouped fold are grouped too
@@ -338,8 +370,10 @@ def run_evaluation(
             bar = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                                transient=True))
+            at_once = "".join(f"; {c}: {k} fits at once x {max(1, threads // k)} thread"
+                              f"{'s' if threads // k > 1 else ''}" for c, k in concurrent.items() if k > 1)
             task = bar.add_task(f"fitting ({workers} worker{'s' if workers > 1 else ''} x {threads} thread"
-                                f"{'s' if threads > 1 else ''})", total=n_tasks)
+                                f"{'s' if threads > 1 else ''}{at_once})", total=n_tasks)
             advance = lambda: bar.advance(task)  # noqa: E731
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="scdm-eval-")) if workers > 1 else None
         for base, fix in variants:  # one model in memory at a time
@@ -356,15 +390,17 @@ def run_evaluation(
                                    method=fix, seed=seed)  # every evaluated cell, no labels
             if tmp is not None and X.nbytes > 1 << 20:
                 X = _memmap(X, tmp)
+            release_heap()  # the read's decode buffers: freed, but glibc keeps them (11 MB at 20k x 512)
             tasks = []
             for part in parts:
                 s = _task_seed(seed, part.category, part.fold)
                 for c in classifiers:
                     g = None if groups is None else groups[part.train]
-                    tasks.append(((X, y, part.train, part.test, c, settings[c], s, "mlp" in classifiers and workers > 1),
+                    tasks.append(((X, y, part.train, part.test, c, grid_settings[c], s,
+                                   "mlp" in classifiers and workers > 1),
                                   {"groups": g}))
                     rows.append((m, part, c))
-            metrics += _grid(tasks, workers, threads, advance)
+            metrics += _grid(tasks, workers, threads, advance, concurrent)
             if permutations:
                 from ._stats import model_null
 
@@ -376,8 +412,10 @@ def run_evaluation(
     results = results.astype({"fold": np.int64, "seed": np.int64, "leak_prone": bool})
     results.attrs.update({"split": splits.name, "skipped": splits.skipped.to_dict("records"), "warnings": notes,
                           "params": {**splits.params, "models": list(models), "classifiers": list(classifiers),
-                                     "store": str(st.path), "protocol": protocol, "settings": settings,
-                                     "workers": workers, "threads_per_fit": threads, "correction": correct,
+                                     "store": str(st.path), "protocol": protocol, "settings": grid_settings,
+                                     "workers": workers, "threads_per_fit": threads,
+                                     "concurrent_fits": {c: k for c, k in concurrent.items() if k > 1},
+                                     "correction": correct,
                                      "batch_key": batch_key if correct != "none" else None,
                                      "permutations": int(permutations)}})
     perm = None

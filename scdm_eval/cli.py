@@ -67,7 +67,8 @@ def run(
     folds: FoldsOpt = 10,
     group_key: GroupOpt = None,
     seed: SeedOpt = 0,
-    n_jobs: Annotated[int, typer.Option(help="Parallel fits: -1 or 1 = one fit at a time on all cores; k = k workers x cores/k threads.")] = -1,
+    n_jobs: Annotated[int, typer.Option(help="Parallel fits: -1 or 1 = in this process, one fit at a time on all cores (MLP fits on the CPU: one per "
+                                         "core at once, unless --set mlp.threads=N); k = k workers x cores/k threads.")] = -1,
     protocol: Annotated[Protocol, typer.Option(help="scdm: defaults with early stopping; scdrugmap: the released scDrugMap MLP (d-512-512-2, AdamW lr 1e-4, wd 0.01, batch 128, 10 epochs, last kept, no scaling, BCE) on random cell-level folds.")] = Protocol.scdm,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Classifier setting CLASSIFIER.KEY=VALUE, over the protocol (repeatable), e.g. --set mlp.lr=1e-4 --set xgboost.max_depth=4.")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="MLP: most training epochs (same as --set mlp.max_epochs=N).")] = None,

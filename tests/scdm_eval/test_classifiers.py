@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from scdm_embed.errors import ScdmError
 from scdm_eval import CLASSIFIERS, Classifier, make_classifier
+from scdm_eval._classifiers import row_runs
 from tests.scdm_eval.conftest import FAST
 
 
@@ -146,7 +147,7 @@ def test_early_stopping_never_reads_test_cells(name, data):
         assert a.n_epochs_ < 60 and a.best_epoch_ is not None
 
 
-@pytest.mark.parametrize("share", [0.4, 0.8, 1.0])
+@pytest.mark.parametrize("share", [0.4, 0.8, 1.0, "blocks"])
 def test_logreg_fitted_in_place_equals_sklearn_on_a_standardised_copy(share):
     """The in-place fit (rows read from X, standardisation folded into the weights) = sklearn's lbfgs on a copy."""
     from sklearn.linear_model import LogisticRegression
@@ -156,12 +157,25 @@ def test_logreg_fitted_in_place_equals_sklearn_on_a_standardised_copy(share):
     X = (rng.normal(size=(600, 30)) * rng.uniform(0.2, 5, 30) + rng.normal(size=30) * 3).astype(np.float32)
     z = X[:, :4] @ rng.normal(size=4) + rng.normal(size=600)
     y = (z > np.median(z)).astype(int)
-    rows = np.sort(rng.choice(600, int(share * 600), replace=False))
+    if share == "blocks":  # two studies' worth of consecutive rows: read as views
+        rows = np.r_[0:280, 320:600]
+        assert row_runs(rows) == [(0, 280), (320, 600)]
+    else:  # scattered: gathered once (0.4) or passes over all of X (0.8, 1.0 is one block)
+        rows = np.sort(rng.choice(600, int(share * 600), replace=False))
     mine = make_classifier("logreg", C=0.5).fit(X, y[rows], rows=rows)
     sc = StandardScaler().fit(X[rows])
     ref = LogisticRegression(C=0.5, max_iter=2000).fit(sc.transform(X[rows]), y[rows])
     np.testing.assert_allclose(mine.model_[-1].coef_, ref.coef_, atol=2e-4)  # both stop at gtol 1e-4
     np.testing.assert_allclose(mine.predict_proba(X)[:, 1], ref.predict_proba(sc.transform(X))[:, 1], atol=2e-4)
+
+
+def test_row_runs_finds_consecutive_blocks_and_refuses_short_or_unordered_ones():
+    assert row_runs(np.arange(10, 20), min_run=5) == [(10, 20)]
+    assert row_runs(np.r_[0:6, 9:15, 20:26], min_run=5) == [(0, 6), (9, 15), (20, 26)]
+    assert row_runs(np.r_[0:6, 9:15, 20:26], min_run=7) is None  # blocks of 6 rows: too short
+    assert row_runs(np.r_[9:15, 0:6], min_run=5) is None  # not increasing
+    assert row_runs(np.array([3, 3, 4, 5]), min_run=1) is None  # repeated
+    assert row_runs(np.array([], dtype=np.int64)) == []
 
 
 def test_min_delta_counts_tiny_improvements_as_none(data):
@@ -178,6 +192,20 @@ def test_xgboost_default_boosts_every_round_on_all_training_cells(data):
     Xtr, ytr, _, _ = data
     m = make_classifier("xgboost", seed=0, n_estimators=7).fit(Xtr, ytr)
     assert m.n_rounds_ == m.best_round_ == 7 and m.n_val_ == 0 and m.n_train_ == len(ytr)
+
+
+def test_xgboost_bin_edges_from_a_sample_of_the_training_cells(data):
+    Xtr, ytr, Xte, yte = data
+
+    def proba(**kw):
+        return make_classifier("xgboost", seed=0, n_estimators=20, **kw).fit(Xtr, ytr).predict_proba(Xte)[:, 1]
+
+    every = proba(sketch_rows=0)
+    np.testing.assert_array_equal(proba(), every)  # the default sample (4,096) holds every one of the 300 cells
+    sampled = proba(sketch_rows=64)
+    assert not np.array_equal(sampled, every)  # other bin edges, other trees
+    np.testing.assert_array_equal(proba(sketch_rows=64), sampled)  # the sample is seeded
+    assert roc_auc_score(yte, sampled) > 0.85
 
 
 @pytest.mark.parametrize("name", ["mlp", "xgboost", "logreg"])
@@ -208,3 +236,23 @@ def test_mlp_training_leaves_denormals_as_they_were(data):
     make_classifier("mlp", seed=0, **FAST["mlp"]).fit(Xtr, ytr)
     tiny = torch.tensor([1e-39], dtype=torch.float32)
     assert float((tiny * 1.0).item()) != 0.0
+
+
+def test_concurrent_mlp_fits_equal_the_same_fits_one_at_a_time(data):
+    """Fits in threads of one process (the grid's MLP default) give each task's own result, bit for bit."""
+    from scdm_eval._classifiers import concurrent_fits, fit_score, fit_score_concurrently
+
+    Xtr, ytr, Xte, yte = data
+    X, y = np.concatenate([Xtr, Xte]), np.concatenate([ytr, yte])
+    opts = {**FAST["mlp"], "threads": 1}
+    tasks = [((X, y, np.setdiff1d(np.arange(400), t), t, "mlp", opts, seed), {"groups": None})
+             for seed, t in enumerate(np.array_split(np.arange(400), 4))]
+    alone = [fit_score(*args, threads=1, **kw) for args, kw in tasks]
+    together = fit_score_concurrently(tasks, fits=4, threads=1)
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a["proba"], b["proba"])
+    assert concurrent_fits("mlp", {"threads": 0, "device": "cpu"}, cores=4, n_tasks=10) == 4
+    assert concurrent_fits("mlp", {"threads": 0, "device": "cpu"}, cores=4, n_tasks=3) == 3
+    assert concurrent_fits("mlp", {"threads": 2, "device": "cpu"}, cores=4, n_tasks=10) == 1  # the user's choice
+    assert concurrent_fits("xgboost", {"threads": 0}, cores=4, n_tasks=10) == 1
+    assert concurrent_fits("mlp", {"threads": 0, "device": "cpu"}, cores=1, n_tasks=10) == 1
