@@ -196,6 +196,12 @@ class _Settings:
     name: ClassVar[str]
     options_spec: ClassVar[tuple[Option, ...]] = ()
 
+    @classmethod
+    def fits_at_once(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether fits with these settings gain from running one per core at once (default: no;
+        classifiers that scale over threads, or hold large per-fit buffers, run one at a time)."""
+        return False
+
     def __init__(self, *, seed: int = 0, **settings: Any) -> None:
         self.seed = int(seed)
         self.settings = resolve_settings(self.name, settings)
@@ -236,6 +242,21 @@ class MLPClassifier(_Settings):
                choices=("auto", "cpu", "cuda"), check=_cuda_present),
         _THREADS,
     )
+
+    @classmethod
+    def fits_at_once(cls, settings: Mapping[str, Any]) -> bool:
+        """On the CPU, with ``threads`` left to the grid: a d-512-512-2 step at batch 128-256 is
+        small GEMMs plus a fixed cost per op, so one fit per core beats every core on one fit
+        (scdrugmap schedule, 18k x 512, 2 cores: 96-127 GFLOP/s for two 1-thread fits at once
+        against 76-99 one at a time on 2 threads; bench/bench_eval.py)."""
+        if settings.get("threads", 0):
+            return False
+        device = settings.get("device", "auto")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return device == "cpu"
 
     @property
     def torch_device(self):
@@ -722,23 +743,11 @@ def _fit_score(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
 
 
 def concurrent_fits(classifier: str, options: Mapping[str, Any], cores: int, n_tasks: int) -> int:
-    """How many fits of ``classifier`` :func:`fit_score_concurrently` runs at once on ``cores`` (1: one at a time).
-
-    MLP fits on the CPU whose ``threads`` are left to the grid: a d-512-512-2 step at batch
-    128-256 is small GEMMs plus a fixed per-op cost, so one fit per core beats every core on
-    one fit (scdrugmap schedule, 18k x 512, 2 cores: 96-127 GFLOP/s for two 1-thread fits at
-    once against 76-99 one at a time on 2 threads; bench/bench_eval.py). XGBoost and the
-    logistic regression scale over threads and hold per-fit buffers that would add up: one at a time.
-    """
-    if classifier != "mlp" or options.get("threads", 0) or cores < 2 or n_tasks < 2:
+    """How many fits of ``classifier`` :func:`fit_score_concurrently` runs at once on ``cores`` (1: one at a time),
+    as its class's ``fits_at_once(options)`` says."""
+    at_once = getattr(CLASSIFIERS[classifier], "fits_at_once", None)  # a registered class may lack it
+    if cores < 2 or n_tasks < 2 or at_once is None or not at_once(options):
         return 1
-    if options.get("device", "auto") == "cuda":
-        return 1
-    if options.get("device", "auto") == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            return 1
     return min(cores, n_tasks)
 
 

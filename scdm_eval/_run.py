@@ -187,7 +187,8 @@ def plan_workers(n_jobs: int, n_tasks: int, cores: int | None = None) -> tuple[i
 
     ``n_jobs=-1`` (default) and ``1``: one fit at a time in this process with every core (no
     worker start-up, no re-imports, no copies; XGBoost hist uses the threads; MLP fits on the
-    CPU run one per core at once instead, see :func:`_grid`). ``n_jobs=k``: ``k`` loky workers (at most the cores) x ``cores // k`` threads.
+    CPU run one per core at once instead, see :func:`_grid`). ``n_jobs=k``: ``k`` loky workers
+    (at most the cores) x ``cores // k`` threads.
     """
     cores = available_cores() if cores is None else cores
     workers = 1 if n_jobs < 0 else max(1, min(int(n_jobs), cores, n_tasks))

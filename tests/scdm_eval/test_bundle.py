@@ -136,6 +136,8 @@ def test_bad_arguments_exit_2(cohort_store, tmp_path):
     assert_refused(runner.invoke(app, [*fit, str(tmp_path / "a"), "--classifier", "svm"]), "svm")
     assert_refused(runner.invoke(app, [*fit, str(tmp_path / "a"), "--set", "depth=3"]), "depth")
     assert_refused(runner.invoke(app, [*fit, str(tmp_path / "a"), "--set", "mlp.lr=1e-4"]), "mlp")
+    assert_refused(runner.invoke(app, [*fit, str(tmp_path / "a"), "--classifier", "xgboost",
+                                       "--set", "xgboost.sketch_rows=-5"]), "sketch_rows")
     assert_refused(runner.invoke(app, ["fit", "--store", s, "--model", "scgpt", "--out", str(tmp_path / "a")]), "scgpt")
     assert_refused(runner.invoke(app, [*fit, str(tmp_path / "a"), "--dataset", "nope"]), "nope")
     afile = tmp_path / "file.txt"

@@ -254,5 +254,8 @@ def test_concurrent_mlp_fits_equal_the_same_fits_one_at_a_time(data):
     assert concurrent_fits("mlp", {"threads": 0, "device": "cpu"}, cores=4, n_tasks=10) == 4
     assert concurrent_fits("mlp", {"threads": 0, "device": "cpu"}, cores=4, n_tasks=3) == 3
     assert concurrent_fits("mlp", {"threads": 2, "device": "cpu"}, cores=4, n_tasks=10) == 1  # the user's choice
-    assert concurrent_fits("xgboost", {"threads": 0}, cores=4, n_tasks=10) == 1
+    for one_at_a_time in ("xgboost", "logreg", "majority"):
+        assert concurrent_fits(one_at_a_time, {"threads": 0}, cores=4, n_tasks=10) == 1
+    assert concurrent_fits("mlp", {"threads": 0, "device": "auto"}, cores=4, n_tasks=10) == (
+        1 if torch.cuda.is_available() else 4)  # a GPU runs its fits one at a time
     assert concurrent_fits("mlp", {"threads": 0, "device": "cpu"}, cores=1, n_tasks=10) == 1
