@@ -73,7 +73,7 @@ def _moments(X: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and s.d. (float32; s.d. 0 -> 1) of ``X[rows]``, accumulated in float64 chunk by chunk."""
     s = np.zeros(X.shape[1], np.float64)
     s2 = np.zeros(X.shape[1], np.float64)
-    step = _CHUNK // 4  # float64 chunks of 2,048 rows: a few MB, whatever the matrix
+    step = _CHUNK // 16  # float64 chunks of 512 rows: 2 MB, whatever the matrix
     for a in range(0, len(rows), step):
         c = _gather(X, rows[a:a + step]).astype(np.float64)
         s += c.sum(axis=0)
@@ -283,18 +283,33 @@ class MLPClassifier(_Settings):
         layers.append(nn.Linear(d, 2))
         return nn.Sequential(*layers)
 
-    def _loss(self, logits, target):
+    def _loss(self, logits, target, reduction: str = "mean"):
         import torch.nn.functional as F
 
         if self.loss == "bce":
-            return F.binary_cross_entropy_with_logits(logits, F.one_hot(target, 2).to(logits.dtype))
-        return F.cross_entropy(logits, target)
+            return F.binary_cross_entropy_with_logits(logits, F.one_hot(target, 2).to(logits.dtype), reduction=reduction)
+        return F.cross_entropy(logits, target, reduction=reduction)
 
     def _inputs(self, X: np.ndarray, rows: np.ndarray):
         import torch
 
         xb = torch.from_numpy(_gather(X, rows)).to(self._dev)
         return (xb - self._mean_t) / self._scale_t if self.scale else xb
+
+    def _val_loss(self, net, X: np.ndarray, rows: np.ndarray, y) -> float:
+        """The loss on rows ``rows`` of ``X`` (labels ``y``), forwarded 512 rows at a time.
+
+        Gathered each epoch rather than held scaled: a 2,048-cell validation set and its
+        activations were ~24 MB per fit, half an MLP fit's memory at 18k cells.
+        """
+        import torch
+
+        total, step = 0.0, _CHUNK // 16
+        with torch.no_grad():
+            for a in range(0, len(rows), step):
+                z = net(self._inputs(X, rows[a:a + step]))
+                total += float(self._loss(z, y[a:a + step], reduction="sum"))
+        return total / (len(rows) * (2 if self.loss == "bce" else 1))  # the mean over every loss term
 
     def _place(self) -> None:
         """Device and scaling tensors for fitting or predicting."""
@@ -328,7 +343,7 @@ class MLPClassifier(_Settings):
             # fused AdamW: one kernel per step instead of ~12 per parameter tensor (the per-tensor
             # loop took a third of a d-512-512-2 fit on CPU; bench/bench_eval.py)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
-            Xv, yv = self._inputs(X, rows[va]), torch.from_numpy(y[va]).to(self._dev)
+            va_rows, yv = rows[va], torch.from_numpy(y[va]).to(self._dev)
             best, best_state, bad = np.inf, None, 0
             self.n_epochs_, self.best_epoch_, self.val_losses_ = 0, None, []
             for epoch in range(self.max_epochs):
@@ -346,8 +361,7 @@ class MLPClassifier(_Settings):
                 self.n_epochs_ = epoch + 1
                 if len(va):
                     net.eval()
-                    with torch.no_grad():
-                        val_loss = float(self._loss(net(Xv), yv))
+                    val_loss = self._val_loss(net, X, va_rows, yv)
                     self.val_losses_.append(val_loss)
                     if val_loss < best - self.min_delta:
                         best, bad, self.best_epoch_ = val_loss, 0, epoch + 1
@@ -382,6 +396,28 @@ class MLPClassifier(_Settings):
         return np.concatenate(out) if out else np.empty((0, 2))
 
 
+def bin_edges(X: np.ndarray, rows: np.ndarray, bins: int) -> np.ndarray:
+    """The ``j / bins`` quantiles (j = 0 .. bins-1; numpy's ``linear`` method) of each column of
+    ``X[rows]``: a ``(bins, d)`` float32 matrix whose xgboost sketch cuts at exactly these values.
+
+    Columns are sorted a block at a time (at most 64 columns and ~16 MB, whatever ``d`` and the
+    rows), each block's values gathered straight from ``X``.
+    """
+    n, d = len(rows), X.shape[1]
+    pos = np.arange(bins) * (n - 1) / bins
+    lo = np.floor(pos).astype(np.int64)
+    hi, frac = np.minimum(lo + 1, n - 1), (pos - lo)[:, None]
+    out, width = np.empty((bins, d), np.float32), max(1, min(64, (1 << 24) // (4 * max(n, 1))))
+    for c in range(0, d, width):
+        block = np.empty((min(width, d - c), n), np.float32)  # columns x rows: each column's cells contiguous
+        for a in range(0, n, _CHUNK):
+            block[:, a:a + _CHUNK] = X[rows[a:a + _CHUNK], c:c + width].T
+        block.sort(axis=1)
+        b_lo, b_hi = block[:, lo].T.astype(np.float64), block[:, hi].T.astype(np.float64)
+        out[:, c:c + width] = b_lo + frac * (b_hi - b_lo)
+    return out
+
+
 def _rows_iter(X: np.ndarray, rows: np.ndarray, y: np.ndarray, chunk: int):
     """An ``xgboost.DataIter`` over ``X[rows]`` in chunks (the training matrix is never copied whole)."""
     import xgboost as xgb
@@ -413,11 +449,13 @@ class XGBoostClassifier(_Settings):
     eta 0.3, depth 5, 32 bins, 80% of the cells and 30% of the features per tree: about 4x less
     CPU per fit than 200 rounds of depth 6 on 256 bins without subsampling, at an equal AUROC on
     cell-level folds and a better one on sample-grouped folds (depth 6 / 64 bins: 1.4x slower, same AUROC).
-    The bin edges come from ``sketch_rows`` sampled training cells: xgboost's sketch of the whole
-    matrix peaked at ~2.5x the slice it quantised at 18k cells (+94-111 MB, in fresh processes)
-    for no AUROC gain (every cell vs 4,096 of 18k synthetic cells: 0.6056 vs 0.6004 grouped, 0.9986
-    vs 0.9988 cell-level; every cell vs 1,024 of 1,908 real PC9 cells: 0.9045 vs 0.9003 hvg,
-    0.8796 vs 0.8785 pca), at 1.2x the time. Early
+    The bin edges are the ``j / max_bin`` quantiles of each feature over ``sketch_rows`` sampled
+    training cells (:func:`bin_edges`, handed to xgboost as a reference matrix): xgboost's sketch
+    of every cell peaked at ~2.5x the slice it quantised at 18k cells, and its sketch of 4,096
+    cells still at ~50 MB of work buffers, ~25 MB of which stayed in its threads' heaps between
+    fits. Same AUROC as xgboost's sketch of every cell (``sketch_rows=0``): 20k synthetic cells,
+    sample-grouped folds, 3 seeds 0.5977 vs 0.5961, cell-level 0.9988 vs 0.9986; real PC9 cells
+    (all 1,908 training cells), 3 seeds, hvg 0.9011 vs 0.9018, pca 0.8761 vs 0.8744. Early
     stopping is off by default: under sample-grouped folds its validation split holds a few
     samples, stopped boosting after 1-20 rounds and cost ~0.2 AUROC there. With
     ``early_stopping=true`` boosting stops after ``early_stopping_rounds`` rounds without a
@@ -432,8 +470,8 @@ class XGBoostClassifier(_Settings):
         Option("max_depth", int, 5, "tree depth", check=at_least(1)),
         Option("learning_rate", float, 0.3, "shrinkage per round", check=greater_than(0)),
         Option("max_bin", int, 32, "histogram bins per feature", check=at_least(2)),
-        Option("sketch_rows", int, 4096, "training cells (a seeded random subset) that place the bin edges; "
-               "0: all of them", check=at_least(0)),
+        Option("sketch_rows", int, 4096, "training cells (a seeded random subset) whose quantiles are the bin edges; "
+               "0: xgboost's own sketch of every training cell", check=at_least(0)),
         Option("subsample", float, 0.8, "share of training cells per tree", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         Option("colsample_bytree", float, 0.3, "share of features per tree", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
         Option("min_child_weight", float, 1.0, "minimum hessian per leaf", check=at_least(0)),
@@ -458,9 +496,15 @@ class XGBoostClassifier(_Settings):
         self.n_train_, self.n_val_ = len(tr), len(va)
         nthread = _threads(self.threads)
         ref = None
-        if 0 < self.sketch_rows < len(tr):  # bin edges from a sample: the full-matrix sketch costs ~2x the slice
-            pick = np.sort(np.random.default_rng(self.seed).choice(len(tr), self.sketch_rows, replace=False))
-            ref = xgb.QuantileDMatrix(_gather(X, rows[tr[pick]]), max_bin=self.max_bin, nthread=nthread)
+        if self.sketch_rows:
+            pick = tr
+            if self.sketch_rows < len(tr):
+                pick = tr[np.sort(np.random.default_rng(self.seed).choice(len(tr), self.sketch_rows, replace=False))]
+            # the bins come from our quantiles of the sampled cells, handed over as a max_bin-row
+            # reference matrix (xgboost cuts at each of its distinct values): xgboost's own sketch
+            # of 4,096 x 512 cells peaked at ~50 MB of work buffers and kept ~25 MB of them in its
+            # threads' heaps between fits (bench/bench_eval.py)
+            ref = xgb.QuantileDMatrix(bin_edges(X, rows[pick], self.max_bin), max_bin=self.max_bin, nthread=nthread)
         dtrain = xgb.QuantileDMatrix(_rows_iter(X, rows[tr], y[tr], _CHUNK // 4), max_bin=self.max_bin, nthread=nthread,
                                      ref=ref)
         del ref
@@ -779,7 +823,7 @@ def fit_score_concurrently(tasks: list[tuple[tuple, dict[str, Any]]], fits: int,
     return out
 
 
-def predict_rows(clf: Classifier, X: np.ndarray, rows: np.ndarray, chunk: int = _CHUNK // 2) -> np.ndarray:
+def predict_rows(clf: Classifier, X: np.ndarray, rows: np.ndarray, chunk: int = _CHUNK // 8) -> np.ndarray:
     """P(sensitive) of rows ``rows`` of ``X``, gathered ``chunk`` rows at a time (``X[rows]`` is never copied whole)."""
     rows = np.asarray(rows, dtype=np.int64)
     out = [clf.predict_proba(_gather(X, rows[a:a + chunk]))[:, 1] for a in range(0, len(rows), chunk)]
