@@ -120,7 +120,10 @@ def test_previous_embeddings_are_what_this_version_computes(tmp_path, legacy_inp
     assert r.exit_code == 0, r.output
     new, _ = EmbeddingStore(tmp_path / "new.zarr").load("pca")
     old, _ = EmbeddingStore(OLD).load("pca")
-    np.testing.assert_allclose(new, old, rtol=0, atol=1e-5)
+    # 0.1.0 fitted the PCA basis in float32 LAPACK, whose components differ by CPU (3.9e-4 on these
+    # cells between the machine that wrote the store and an AMD EPYC one); the basis is
+    # now fitted in float64, so the old numbers carry their own float32 error (6.8e-5 here)
+    np.testing.assert_allclose(new, old, rtol=0, atol=2e-4)
 
 
 def test_writing_into_the_previous_format_is_refused_naming_the_migration(old_store, legacy_input):
