@@ -22,8 +22,9 @@ through the public API (``scdm_eval.run_evaluation``, ``make_classifier``, ``loa
   same three (the loop of (b), XGBoost with the 0.2.0 settings of (c), logistic regression).
 - (d) wall and peak RSS (sampled in-process, above the run's start) of pooled 10-fold and cross
   (leave-one-study-out) for each classifier alone, at 20k and 100k cells (500k with ``--full``).
-  The classifiers' libraries are imported and warmed by one tiny fit first (a row of its own):
-  code pages and thread pools are a fixed cost, not the grid's memory. With two sizes or more,
+  The classifiers' libraries are imported and warmed by one tiny fit first, and the run's own
+  code (store, cell tables, splits) by a tiny grid on a 400-cell store (a row of its own): code
+  pages, module objects and thread pools are a fixed cost, not the grid's memory. With two sizes or more,
   a line through each scheme x classifier's peaks: ``fixed`` MB (work buffers whatever the
   cells) + ``slope`` x the slice (the part that grows with cells; <= 2 is the target at scale).
 
@@ -346,7 +347,8 @@ def measure_sizes(tmp: Path, sizes: list[int], folds: int, top: float, pct, clas
     import scdm_eval
 
     # library code is not the grid's memory: import and warm each classifier once (its thread
-    # pools, allocator arenas) before the rows below, and print what that cost on its own
+    # pools, allocator arenas) and the run's own path once (store and cell-table reads, splits:
+    # a tiny grid on a store of its own) before the rows below, and print what that cost
     rng = np.random.default_rng(0)
     Xw = rng.standard_normal((512, DIM)).astype(np.float32)
     yw = np.arange(512) % 2
@@ -355,8 +357,12 @@ def measure_sizes(tmp: Path, sizes: list[int], folds: int, top: float, pct, clas
             c = scdm_eval.make_classifier(clf, seed=0, **({"max_epochs": 1} if clf == "mlp" else {}))
             c.fit(Xw, yw)
             c.predict_proba(Xw)
-    row(f"(d) imports + one tiny fit of {'/'.join(classifiers)}", "512", len(classifiers), f"{m['wall']:.1f}", "", "",
-        "", "", "", "", "", f"{m['peak_mb']:.0f}", "(fixed)")
+        make_store(tmp / "warm.zarr", 400, seed=2)
+        scdm_eval.run_evaluation(tmp / "warm.zarr", models=["synth"], classifiers=("majority",), folds=2, seed=0,
+                                 group_key="sample")
+        shutil.rmtree(tmp / "warm.zarr", ignore_errors=True)
+    row(f"(d) imports + one tiny fit of {'/'.join(classifiers)} + a tiny grid", "512", len(classifiers),
+        f"{m['wall']:.1f}", "", "", "", "", "", "", "", f"{m['peak_mb']:.0f}", "(fixed)")
     seen: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (scheme, classifier) -> (slice MB, peak MB)
     for n in sizes:
         store = tmp / f"s{n}.zarr"

@@ -22,6 +22,7 @@ import numpy as np
 from scdm_embed.models.options import Option, at_least, greater_than
 
 from ._metrics import compute_metrics
+from ._mlp_step import StackStep
 
 #: rows read (gathered from ``X[rows]``) per chunk when a fit streams its training cells
 _CHUNK = 8192
@@ -290,26 +291,24 @@ class MLPClassifier(_Settings):
             return F.binary_cross_entropy_with_logits(logits, F.one_hot(target, 2).to(logits.dtype), reduction=reduction)
         return F.cross_entropy(logits, target, reduction=reduction)
 
-    def _inputs(self, X: np.ndarray, rows: np.ndarray):
-        import torch
+    def _val_loss(self, step, X: np.ndarray, rows: np.ndarray, y) -> float:
+        """The loss on rows ``rows`` of ``X`` (labels ``y``), forwarded a batch at a time in ``step``'s buffers.
 
-        xb = torch.from_numpy(_gather(X, rows)).to(self._dev)
-        return (xb - self._mean_t) / self._scale_t if self.scale else xb
-
-    def _val_loss(self, net, X: np.ndarray, rows: np.ndarray, y) -> float:
-        """The loss on rows ``rows`` of ``X`` (labels ``y``), forwarded 512 rows at a time.
-
-        Gathered each epoch rather than held scaled: no copy of the validation set, and its
-        activations a few MB whatever ``val_max``.
+        Gathered each epoch rather than held scaled: no copy of the validation set, and no
+        activations beyond the training step's.
         """
         import torch
 
-        total, step = 0.0, _CHUNK // 16
+        total, size = 0.0, len(step.x)
         with torch.no_grad():
-            for a in range(0, len(rows), step):
-                z = net(self._inputs(X, rows[a:a + step]))
-                total += float(self._loss(z, y[a:a + step], reduction="sum"))
+            for a in range(0, len(rows), size):
+                n = step.load(X, rows[a:a + size], *self._scaling())
+                total += float(self._loss(step.forward(n), y[a:a + n], reduction="sum"))
         return total / (len(rows) * (2 if self.loss == "bce" else 1))  # the mean over every loss term
+
+    def _scaling(self):
+        """(mean, s.d.) tensors that standardise inputs, or (None, None) with ``scale=false``."""
+        return (self._mean_t, self._scale_t) if self.scale else (None, None)
 
     def _place(self) -> None:
         """Device and scaling tensors for fitting or predicting."""
@@ -339,40 +338,42 @@ class MLPClassifier(_Settings):
         with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # the only draws from torch's RNG
             torch.manual_seed(self.seed)
             net = self._net(X.shape[1]).to(self._dev)  # initialised on the CPU: the same weights on any device
-        with _torch_threads(_threads(self.threads)), _flush_denormals():
+        with _torch_threads(_threads(self.threads)), _flush_denormals(), torch.no_grad():
+            # every activation, gradient and batch in buffers made once (StackStep): autograd's
+            # per-step tensors fragmented the C heap to ~2x what a fit holds (bench/bench_eval.py)
+            step = StackStep(net, min(self.batch_size, max(len(tr_rows), len(va), 1)), self.loss, self._dev)
             # fused AdamW: one kernel per step instead of ~12 per parameter tensor (the per-tensor
             # loop took a third of a d-512-512-2 fit on CPU; bench/bench_eval.py)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
             va_rows, yv = rows[va], torch.from_numpy(y[va]).to(self._dev)
-            best, best_state, bad = np.inf, None, 0
+            best, bad = np.inf, 0
+            kept = [p.detach().clone() for p in net.parameters()] if len(va) and self.keep == "best" else None
             self.n_epochs_, self.best_epoch_, self.val_losses_ = 0, None, []
             for epoch in range(self.max_epochs):
-                net.train()
                 perm = rng.permutation(len(tr_rows))
                 for b in range(0, len(perm), self.batch_size):
                     idx = perm[b:b + self.batch_size]
-                    loss = self._loss(net(self._inputs(X, tr_rows[idx])), ytr[idx])
-                    # gradients zeroed in place, not freed: fresh gradient buffers every step were
-                    # fresh pages from the C heap (page faults), 1.4x the time of a d-512-512-2 fit
-                    # at batch 128 on CPU (bench/bench_eval.py); the same numbers either way
-                    opt.zero_grad(set_to_none=False)
-                    loss.backward()
+                    n = step.load(X, tr_rows[idx], *self._scaling())
+                    step.forward(n)
+                    step.backward(n, ytr[idx])  # written over the gradients: nothing to zero
                     opt.step()
                 self.n_epochs_ = epoch + 1
                 if len(va):
-                    net.eval()
-                    val_loss = self._val_loss(net, X, va_rows, yv)
+                    val_loss = self._val_loss(step, X, va_rows, yv)
                     self.val_losses_.append(val_loss)
                     if val_loss < best - self.min_delta:
                         best, bad, self.best_epoch_ = val_loss, 0, epoch + 1
-                        if self.keep == "best":
-                            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                        if kept is not None:  # the best epoch's weights, copied into buffers made once
+                            for k, p in zip(kept, net.parameters(), strict=True):
+                                k.copy_(p)
                     else:
                         bad += 1
                         if bad >= self.patience:
                             break
-            if best_state is not None:
-                net.load_state_dict(best_state)
+            if kept is not None and self.best_epoch_ is not None:
+                for k, p in zip(kept, net.parameters(), strict=True):
+                    p.copy_(k)
+            del step
         net.eval()
         self.net_, self.optimizer_ = net, opt
         return self
@@ -380,20 +381,21 @@ class MLPClassifier(_Settings):
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         import torch
 
-        X = X if isinstance(X, np.ndarray) and X.dtype == np.float32 else np.asarray(X, dtype=np.float32)
+        X = X if isinstance(X, np.ndarray) else np.asarray(X, dtype=np.float32)
         self._place()
         self.net_.to(self._dev)
-        out = []
+        out = np.empty((len(X), 2))
         with _torch_threads(_threads(self.threads)), torch.no_grad():
-            step = _CHUNK // 8  # 1,024 rows: each layer's activations a few MB, whatever the test set
-            for b in range(0, len(X), step):
-                z = self.net_(self._inputs(X, np.arange(b, min(b + step, len(X)))))
+            # 256 rows at a time in buffers made once: each layer's activations 0.5 MB, whatever the test set
+            step = StackStep(self.net_, min(256, max(len(X), 1)), self.loss, self._dev, train=False)
+            for b in range(0, len(X), len(step.x)):
+                z = step.forward(step.load(X, np.arange(b, min(b + len(step.x), len(X))), *self._scaling()))
                 if self.loss == "bce":
-                    p = torch.sigmoid(z[:, 1]).double().cpu().numpy()
-                    out.append(np.column_stack([1.0 - p, p]))
+                    out[b:b + len(z), 1] = torch.sigmoid(z[:, 1]).double().cpu().numpy()
+                    out[b:b + len(z), 0] = 1.0 - out[b:b + len(z), 1]
                 else:
-                    out.append(torch.softmax(z, dim=1).double().cpu().numpy())
-        return np.concatenate(out) if out else np.empty((0, 2))
+                    out[b:b + len(z)] = torch.softmax(z, dim=1).double().cpu().numpy()
+        return out
 
 
 def bin_edges(X: np.ndarray, rows: np.ndarray, bins: int) -> np.ndarray:
@@ -758,8 +760,8 @@ def fit_score(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
     """Fit ``classifier`` on rows ``train`` of ``X`` (read in place, not copied), score rows ``test``.
 
     One grid task on ``threads`` cores (BLAS/OpenMP pools limited to them; a ``threads=0``
-    setting becomes ``threads``). ``groups``: the training cells' groups, for a grouped
-    early-stopping split.
+    setting becomes ``threads``). ``groups``: every row's group (as ``y``), for a grouped
+    early-stopping split; the training rows' are taken here, one task at a time.
     """
     import warnings
 
@@ -779,7 +781,7 @@ def _fit_score(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
     if "threads" in options and not options["threads"]:
         options["threads"] = threads
     clf = make_classifier(classifier, seed=seed, **options)
-    clf.fit(X, y[train], rows=train, groups=groups)
+    clf.fit(X, y[train], rows=train, groups=None if groups is None else groups[train])
     proba = predict_rows(clf, X, test)
     del clf
     release_heap()

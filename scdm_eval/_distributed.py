@@ -54,7 +54,7 @@ def grid_task(ctx: Mapping[str, Any], model: str, part: int, classifier: str, se
         train, test = ctx["parts"][part]
         rows = np.union1d(train, test)  # ascending: one pass over the chunks that hold them
         X = read_slice(_store(ctx["run"], ctx["store"]), model, ctx["datasets"], ctx["keys"][rows])
-        groups = None if ctx["groups"] is None else ctx["groups"][train]
+        groups = None if ctx["groups"] is None else ctx["groups"][rows]
         return fit_score(X, ctx["y"][rows], np.searchsorted(rows, train), np.searchsorted(rows, test), classifier,
                          ctx["settings"][classifier], seed, ctx["warm_torch"], threads=_nthreads(get_worker()),
                          groups=groups)

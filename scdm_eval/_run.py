@@ -396,10 +396,9 @@ def run_evaluation(
             for part in parts:
                 s = _task_seed(seed, part.category, part.fold)
                 for c in classifiers:
-                    g = None if groups is None else groups[part.train]
                     tasks.append(((X, y, part.train, part.test, c, grid_settings[c], s,
                                    "mlp" in classifiers and workers > 1),
-                                  {"groups": g}))
+                                  {"groups": groups}))
                     rows.append((m, part, c))
             metrics += _grid(tasks, workers, threads, advance, concurrent)
             if permutations:

@@ -33,7 +33,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from scdm_embed.errors import ScdmError, StoreError
-from scdm_embed.store import EmbeddingStore, SplitRecord
+from scdm_embed.store import EmbeddingStore, SplitRecord, shared_strings
 
 from ._choices import BY_CHOICES, SCHEMES, By, Scheme
 
@@ -596,6 +596,7 @@ def _from_saved(name: str, table: pd.DataFrame, record: SplitRecord) -> Splits:
                          f"({SPLIT_LAYOUT})", "upgrade scdm, or remake the splits with --overwrite")
     parts = pd.DataFrame(record.partitions)
     table = table.astype({"category": str, "fold": np.int16, "label": np.int8})
+    table["category"] = shared_strings(table["category"].to_numpy())  # a few categories, not one string per cell
     table.index = table.index.astype(str)
     table.index.name = "cell"
     return Splits(name, table, parts, params)
@@ -606,8 +607,10 @@ def _read(st: EmbeddingStore, name: str, cells: pd.DataFrame) -> Splits | None:
     if got is None:
         return None
     splits = _from_saved(name, *got)
-    if not splits.table.index.equals(cells.index.astype(str)):
+    index = cells.index.astype(str)
+    if not splits.table.index.equals(index):
         return None  # same hash prefix, other cells: recompute
+    splits.table.index = index  # the cells' own strings: not a second copy of every cell id
     return splits
 
 

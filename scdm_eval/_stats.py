@@ -189,9 +189,8 @@ def model_null(X: np.ndarray, y: np.ndarray, parts: Sequence[Any], splits: Any, 
     def fit(yp: np.ndarray, part: Any, _i: int) -> list[dict[str, Any]]:
         out = []
         for c in classifiers:
-            g = None if groups is None else groups[part.train]
             r = fit_score(X, yp, part.train, part.test, c, settings[c], _task_seed(seed, part.category, part.fold),
-                          threads=threads, groups=g)
+                          threads=threads, groups=groups)
             out.append({"model": model, "scheme": p["scheme"], "by": p["by"], "classifier": c,
                         **{m: r[m] for m in METRICS}})
             advance()

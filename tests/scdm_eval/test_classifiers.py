@@ -272,3 +272,31 @@ def test_concurrent_mlp_fits_equal_the_same_fits_one_at_a_time(data):
     assert concurrent_fits("mlp", {"threads": 0, "device": "auto"}, cores=4, n_tasks=10) == (
         1 if torch.cuda.is_available() else 4)  # a GPU runs its fits one at a time
     assert concurrent_fits("mlp", {"threads": 0, "device": "cpu"}, cores=1, n_tasks=10) == 1
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+@pytest.mark.parametrize("hidden", ["64,32", "8"])
+def test_buffered_training_step_gives_autograds_logits_and_gradients(loss, hidden):
+    """The MLP's step (buffers made once, no autograd) against autograd on the same network and cells."""
+    from scdm_eval._mlp_step import StackStep
+
+    clf = make_classifier("mlp", seed=0, hidden=hidden, loss=loss)
+    torch.manual_seed(0)
+    net = clf._net(20)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 20)).astype(np.float32), torch.from_numpy(rng.integers(0, 2, 60))
+    rows = rng.permutation(60)[:37]  # fewer cells than the buffers hold, in no order
+    mean, scale = torch.from_numpy(X.mean(0)), torch.from_numpy(X.std(0) + 0.5)
+    step = StackStep(net, 40, loss, torch.device("cpu"))
+    with torch.no_grad():
+        n = step.load(X, rows, mean, scale)
+        z = step.forward(n).clone()
+        step.backward(n, y[rows])
+    mine = [p.grad.clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = None
+    logits = net((torch.from_numpy(X[rows]) - mean) / scale)
+    clf._loss(logits, y[rows]).backward()
+    np.testing.assert_allclose(z.numpy(), logits.detach().numpy(), rtol=0, atol=1e-6)
+    for a, p in zip(mine, net.parameters(), strict=True):
+        np.testing.assert_allclose(a.numpy(), p.grad.numpy(), rtol=1e-5, atol=1e-7 * float(p.grad.abs().max()))
