@@ -56,6 +56,8 @@ def _check_xy(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> t
     rows = np.arange(X.shape[0] if X.ndim else 0) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
     if X.ndim != 2 or rows.shape[0] != y.shape[0]:
         raise ValueError(f"X {X.shape} and y {y.shape} do not match")
+    if len(rows) and (rows.min() < 0 or rows.max() >= X.shape[0]):
+        raise ValueError(f"rows must lie in 0..{X.shape[0] - 1} (got {rows.min()}..{rows.max()})")
     if not np.isin(y, (0, 1)).all():
         raise ValueError("y must hold 0 (resistant) / 1 (sensitive)")
     if np.unique(y).size < 2:

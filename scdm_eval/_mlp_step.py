@@ -55,7 +55,9 @@ class StackStep:
         n = len(rows)
         host = self.x_host[:n]
         if isinstance(X, np.ndarray) and X.dtype == np.float32:
-            np.take(X, rows, axis=0, out=host)
+            # mode="clip": numpy buffers ``out`` under the default "raise" (a temporary per batch);
+            # the rows were checked against X once (``_check_xy``) and predictions pass ranges
+            np.take(X, rows, axis=0, out=host, mode="clip")
         else:
             host[:] = X[rows]
         x = self.x[:n]

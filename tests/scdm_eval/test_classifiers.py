@@ -300,3 +300,10 @@ def test_buffered_training_step_gives_autograds_logits_and_gradients(loss, hidde
     np.testing.assert_allclose(z.numpy(), logits.detach().numpy(), rtol=0, atol=1e-6)
     for a, p in zip(mine, net.parameters(), strict=True):
         np.testing.assert_allclose(a.numpy(), p.grad.numpy(), rtol=1e-5, atol=1e-7 * float(p.grad.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["mlp", "xgboost", "logreg"])
+def test_training_rows_outside_the_matrix_are_refused(name, data):
+    Xtr, ytr, _, _ = data
+    with pytest.raises(ValueError, match="rows must lie in"):
+        make_classifier(name, **FAST.get(name, {})).fit(Xtr, ytr[:10], rows=np.r_[np.arange(9), len(Xtr)])
