@@ -376,6 +376,8 @@ class MLPClassifier(_Settings):
                 for k, p in zip(kept, net.parameters(), strict=True):
                     p.copy_(k)
             del step
+            for p in net.parameters():  # the last step's gradients: not needed to predict
+                p.grad = None
         net.eval()
         self.net_, self.optimizer_ = net, opt
         return self
