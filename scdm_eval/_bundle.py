@@ -30,7 +30,7 @@ from scdm_embed.errors import ScdmError, StoreError
 from scdm_embed.models.base import sha256_file as _sha256
 from scdm_embed.store import EmbeddingStore
 
-from ._classifiers import check_classifiers, make_classifier
+from ._classifiers import check_classifiers, make_classifier, steady_heap
 
 FORMAT = "scdm-classifier-bundle"
 FORMAT_VERSION = 1
@@ -225,8 +225,10 @@ def fit_classifier(
     """
     from safetensors.numpy import save_file
 
+    from ._run import check_finite
     from ._splits import open_store
 
+    steady_heap()
     st = open_store(store)
     (classifier,) = check_classifiers([classifier])
     cats = [category] if isinstance(category, str) else list(category or [])
@@ -238,9 +240,7 @@ def fit_classifier(
     X, table = st.load(model, datasets=dsets)
     pos = table.index.get_indexer(cells.index)
     X = X[pos] if not np.array_equal(pos, np.arange(len(table))) else X
-    if not np.isfinite(X).all():
-        raise StoreError(f"model {model!r} has cells with non-finite embeddings",
-                         f"re-extract with `scdm-embed extract ... --model {model} --overwrite`")
+    check_finite(X, model, cells.index)
     y = cells["label"].to_numpy().astype(np.int64)
     groups = cells["sample"].astype(str).to_numpy() if "sample" in cells.columns else None
     clf.fit(X, y, groups=groups)

@@ -514,6 +514,7 @@ class XGBoostClassifier(_Settings):
         dtrain = xgb.QuantileDMatrix(_rows_iter(X, rows[tr], y[tr], _CHUNK // 4), max_bin=self.max_bin, nthread=nthread,
                                      ref=ref)
         del ref
+        release_heap()  # the quantiser's freed work buffers, before boosting allocates its histograms
         params = {"tree_method": "hist", "objective": "binary:logistic", "eval_metric": "logloss", "seed": self.seed,
                   "nthread": nthread, "max_bin": self.max_bin, "max_depth": self.max_depth, "eta": self.learning_rate,
                   "subsample": self.subsample, "colsample_bytree": self.colsample_bytree,
@@ -771,6 +772,7 @@ def fit_score(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
 
     from threadpoolctl import threadpool_limits
 
+    steady_heap()
     if warm_torch:
         _warm_torch()
     with threadpool_limits(limits=threads), warnings.catch_warnings():
@@ -819,6 +821,7 @@ def fit_score_concurrently(tasks: list[tuple[tuple, dict[str, Any]]], fits: int,
         (X, y, train, test, classifier, options, seed, *_), kw = task
         return _fit_score(X, y, train, test, classifier, options, seed, threads=threads, **kw)
 
+    steady_heap()
     out = []
     with threadpool_limits(limits=threads), _torch_threads(threads), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -836,12 +839,8 @@ def predict_rows(clf: Classifier, X: np.ndarray, rows: np.ndarray, chunk: int = 
     return np.concatenate(out) if out else np.empty(0)
 
 
-def release_heap() -> None:
-    """Give the C heap's freed pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Between grid tasks: glibc's adaptive mmap threshold keeps the freed buffers of a fit (batches,
-    prediction chunks) in the heap, and the grid's resident memory would creep up fit by fit.
-    """
+def _libc() -> Any:
+    """glibc, for its allocator's controls (None elsewhere: musl, macOS, Windows)."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -850,10 +849,47 @@ def release_heap() -> None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC or None
+
+
+def release_heap() -> None:
+    """Give the C heap's freed pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Between grid tasks: glibc's adaptive mmap threshold keeps the freed buffers of a fit (batches,
+    prediction chunks) in the heap, and the grid's resident memory would creep up fit by fit.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+#: glibc's mmap threshold while a grid runs (``mallopt(M_MMAP_THRESHOLD)``, see :func:`steady_heap`)
+MMAP_THRESHOLD = 1 << 20
+
+
+def steady_heap() -> None:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (once; a no-op elsewhere).
+
+    glibc raises the threshold after each large block freed (up to 32 MB; the trim threshold
+    follows at twice that), and from then on serves blocks that size from its heaps, whose freed
+    tops it keeps: a worker thread's arena (xgboost's OpenMP threads, the store's readers) is
+    never trimmed, not even by ``malloc_trim``. A grid's quantised matrices, histograms and
+    batches are such blocks, so its peak RSS grew by a few MB per fit thread. With the thresholds
+    fixed, blocks of 1 MiB or more are mapped and unmapped on their own, and heap tops over 2 MiB
+    are trimmed. Set ``SCDM_MALLOC_TUNING=0`` to leave the allocator as it is.
+    """
+    global _STEADY
+    if _STEADY or os.environ.get("SCDM_MALLOC_TUNING", "1") == "0":
+        return
+    libc = _libc()
+    if libc is not None:  # malloc.h: M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1 (each fixed stops its adapting)
+        libc.mallopt(-3, MMAP_THRESHOLD)
+        libc.mallopt(-1, 2 * MMAP_THRESHOLD)  # glibc's own ratio; an earlier 16 MB block had raised it to 32 MB
+    _STEADY = True
 
 
 _LIBC: Any = None
+_STEADY = False

@@ -25,6 +25,7 @@ from ._classifiers import (
     fit_score_concurrently,
     release_heap,
     resolve_settings,
+    steady_heap,
 )
 from ._metrics import METRICS
 from ._splits import (
@@ -94,7 +95,7 @@ def check_finite(X: np.ndarray, model: str, keys: Sequence[str]) -> np.ndarray:
 
     Checked in blocks of rows: no boolean copy of the whole matrix (a quarter of its size).
     """
-    bad, step = np.zeros(len(X), bool), 1 << 14
+    bad, step = np.zeros(len(X), bool), 1 << 11  # a 1 MB mask at 512-d
     for a in range(0, len(X), step):
         bad[a:a + step] = ~np.isfinite(X[a:a + step]).all(axis=1)
     if bad.any():
@@ -286,6 +287,7 @@ def run_evaluation(
     ``results.csv``, ``summary.csv``, ``summary.md``, ``summary.png`` and ``skipped.csv``.
     Skipped categories/partitions and warnings are in ``.attrs["skipped"]`` / ``.attrs["warnings"]``.
     """
+    steady_heap()  # before the store is read: see its docstring
     st = open_store(store)
     if not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0:
         raise ScdmError(f"n_jobs must be a non-zero integer (got {n_jobs!r})", "use -1 for all cores, or 1, 2, ...")
@@ -348,6 +350,7 @@ def run_evaluation(
     fixes: dict[str, str] = {}  # row model name -> correction
     null: list[dict[str, Any]] = []  # label-permutation fits
     batch = cells[batch_key].reindex(splits.table.index).astype(str).to_numpy() if correct != "none" else None
+    del cells  # the store keeps its own copy; predictions_table asks it again at the end
     with contextlib.ExitStack() as stack:
         dist = None  # executor hook: the fits as Dask tasks that read their rows from the store
         if scheduler is not None or dask_workers is not None:
@@ -429,7 +432,7 @@ def run_evaluation(
         from ._stats import write_stats
 
         blocks = [(m, part, c, met["proba"]) for (m, part, c), met in zip(rows, metrics, strict=True)]
-        write_report(results, out, predictions=predictions_table(cells, splits, blocks))
+        write_report(results, out, predictions=predictions_table(st.cells(dsets), splits, blocks))
         write_stats(results, out, permutation=perm)
     if not splits.saved:
         save_splits(st, splits)

@@ -388,7 +388,7 @@ def transfer_splits(cells: pd.DataFrame, *, train: Sequence[str], test: Sequence
               "cell_hash": cell_hash, "n_cells": int(len(cells)), "datasets": sorted(pd.unique(ds).tolist()),
               "leak_prone": False, "train": [str(t) for t in train], "test": [str(t) for t in test],
               "test_datasets": test_sets, "layout": SPLIT_LAYOUT}
-    table = pd.DataFrame({"category": category.astype(str), "fold": fold, "label": y},
+    table = pd.DataFrame({"category": shared_strings(category), "fold": fold, "label": y},
                          index=pd.Index(cells.index.astype(str), name="cell"))
     return Splits(name, table, parts, params)
 
@@ -486,7 +486,7 @@ def compute_splits(
               "seed": int(seed) if scheme == "pooled" else None, "study_key": study_key, "cell_hash": cell_hash,
               "n_cells": int(len(cells)), "datasets": sorted(pd.unique(cells["dataset"]).tolist()),
               "leak_prone": bool(leak_prone)}
-    table = pd.DataFrame({"category": category.astype(str), "fold": fold, "label": y},
+    table = pd.DataFrame({"category": shared_strings(category), "fold": fold, "label": y},
                          index=pd.Index(cells.index.astype(str), name="cell"))
     return Splits(name, table, parts, params)
 
