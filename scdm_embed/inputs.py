@@ -238,6 +238,13 @@ def read_input(
                 _check_two_classes(cells["label"].to_numpy(), path.name, labels.key)
             cells["response"] = np.where(cells["label"].to_numpy() == SENSITIVE, "sensitive", "resistant")
         for role, col in _meta_columns(obs, meta_keys or {}).items():
+            missing = obs[col].isna().to_numpy()
+            if missing.any():  # as a string, NaN would be one more study / sample / category: "nan"
+                raise InputError(f"metadata column {col!r} (for {role}) has {int(missing.sum())} cells with no value "
+                                 f"(e.g. {str(obs.index[np.flatnonzero(missing)[0]])!r})",
+                                 "fill them (e.g. with 'unknown') or drop those cells before extracting"
+                                 + ("" if role in (meta_keys or {}) else
+                                    f"; or rename the column if it is not the {role}"))
             cells[role] = obs[col].astype(str).to_numpy()
         h, is_integer = _validate_and_hash(x, n_cells, chunk_size, path, require_counts, obs.index)
         h.update("\0".join(map(str, ids)).encode())

@@ -186,4 +186,7 @@ class PCAAdapter(FittedAdapter):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         z = ((batch["x"] - self._mean) / self._std).clamp(max=SCALE_CLIP)
-        return z @ self._comp.T
+        # projected in float64, then rounded: a float32 GEMM's last bits depend on the BLAS kernel,
+        # which MKL picks by CPU, thread count and even buffer alignment (shards of one extraction
+        # differed from one process by 1-2 ulp on an AVX-512 Xeon); float64 rounds to one float32
+        return (z.double() @ self._comp.double().T).float()

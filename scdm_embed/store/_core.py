@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - not POSIX: no metadata lock
     fcntl = None  # type: ignore[assignment]
 
 from .._version import __version__
-from ..errors import StaleCacheError, StoreError
+from ..errors import ScdmError, StaleCacheError, StoreError
 from ._chunks import read_rows
 from .schema import (
     FORMAT_VERSION,
@@ -385,6 +385,10 @@ class EmbeddingStore:
         Its ``cells_hash`` (see :func:`cells_hash`) lets a re-extraction notice changed labels or metadata.
         """
         _check_name(dataset, "dataset")
+        text = [c for c in cells.columns if not pd.api.types.is_numeric_dtype(cells[c]) and cells[c].isna().any()]
+        if text:  # anndata writes a missing string as the text "None" / "nan": one more sample, study, ...
+            raise ScdmError(f"cell table column(s) {text} of dataset {dataset!r} have cells with no value",
+                            "fill them (e.g. with 'unknown') or drop those cells")
         final = self.path / "datasets" / dataset
         tmp_name = f".tmp-{dataset}-{uuid.uuid4().hex[:8]}"
         with _staged(self.path / "datasets" / tmp_name):

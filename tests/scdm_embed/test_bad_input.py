@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from typer.testing import CliRunner
@@ -59,6 +60,8 @@ def _variant(base, kind, tmp_path):
     elif kind == "unknown_label":
         a.obs["response"] = a.obs["response"].astype(str)
         a.obs.iloc[0, a.obs.columns.get_loc("response")] = "partial"
+    elif kind == "missing_values":  # two cells without a sample: they must not become one sample "nan"
+        a.obs["sample"] = pd.Categorical(["s1", None, "s2", None] + ["s3"] * (a.n_obs - 4))
     elif kind == "no_response":
         a.obs = a.obs.drop(columns=["response"])
     elif kind == "mouse_genes":
@@ -92,6 +95,7 @@ CASES = {
     "unknown_label": ("unknown label values", "pca"),
     "no_response": ("response column 'response' is not in obs", "pca"),
     "missing_meta": ("metadata column 'patient_id'", "pca"),
+    "missing_values": ("2 cells with no value", "pca"),
     "missing_layer": ("layer 'counts' is not in", "pca"),
     "both_classes": ("mapped to both classes", "pca"),
     "mouse_genes": ("barely share genes", "pca"),

@@ -10,7 +10,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from scdm_embed.errors import StoreError
+from scdm_embed.errors import ScdmError, StoreError
 from scdm_embed.store import EmbeddingStore
 
 N, DIM, CHUNK = 37, 6, 8  # a partial last chunk on purpose
@@ -159,3 +159,16 @@ def test_datasets_of_one_model_with_different_widths_are_refused(store):
     with pytest.raises(StoreError, match="12-d|6-d") as e:
         st.load("m")
     assert "damaged" not in str(e.value)
+
+
+def test_a_cell_table_with_missing_text_is_refused(tmp_path):
+    """A None / NaN sample would be written as the text "None" / "nan" and read back as one more sample."""
+    st = EmbeddingStore(tmp_path / "s.zarr", mode="a")
+    cells = pd.DataFrame({"label": np.array([1, 0, 1], np.int8), "sample": ["a", None, "b"]},
+                         index=pd.Index(["c1", "c2", "c3"], name="cell_id"))
+    with pytest.raises(ScdmError, match="sample"):
+        st.put_dataset("d", cells, input_hash="h")
+    assert st.datasets() == []
+    cells["sample"] = ["a", "unknown", "b"]
+    st.put_dataset("d", cells, input_hash="h")
+    assert st.cells()["sample"].tolist() == ["a", "unknown", "b"]

@@ -217,8 +217,10 @@ def test_batch_invariance(small: UCEAdapter, cells: ad.AnnData, genes: GeneTable
     together = embed_matrix(small, X, genes, ids, batch_size=64)
     alone = embed_matrix(small, X, genes, ids, batch_size=1)
     again = embed_matrix(small, X, genes, ids, batch_size=5)
-    assert np.abs(together - alone).max() <= 1e-5
-    assert np.abs(together - again).max() <= 1e-5
+    # other batch shapes sum float32 GEMMs in another order: ~1e-7 typically, up to 1.5e-5 seen on
+    # an AVX-512 Xeon (MKL); an unmasked pad moves embeddings by > 1e-3 (see the last line)
+    assert np.abs(together - alone).max() <= 5e-5
+    assert np.abs(together - again).max() <= 5e-5
     np.testing.assert_array_equal(together, embed_matrix(small, X, genes, ids, batch_size=64))
     assert np.abs(together[0] - together[1]).max() > 1e-3
 
