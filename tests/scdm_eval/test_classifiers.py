@@ -194,6 +194,14 @@ def test_xgboost_default_boosts_every_round_on_all_training_cells(data):
     assert m.n_rounds_ == m.best_round_ == 7 and m.n_val_ == 0 and m.n_train_ == len(ytr)
 
 
+def test_xgboost_small_histogram_cache_grows_the_same_trees(data):
+    """``max_cached_hist_node`` trades time for memory only: the predictions stay the same."""
+    Xtr, ytr, Xte, _ = data
+    full = make_classifier("xgboost", seed=0, n_estimators=15).fit(Xtr, ytr).predict_proba(Xte)
+    small = make_classifier("xgboost", seed=0, n_estimators=15, max_cached_hist_node=2).fit(Xtr, ytr).predict_proba(Xte)
+    np.testing.assert_array_equal(small, full)
+
+
 def test_xgboost_splits_at_the_quantiles_of_its_training_cells(data):
     """Default bins: the j/32 quantiles of each feature over the training cells (all 300 of them
     here, fewer than the 4,096 sampled), so every split of every tree sits on one of them."""
