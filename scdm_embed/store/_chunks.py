@@ -29,11 +29,12 @@ __all__ = ["READ_THREADS", "read_rows"]
 
 #: chunks decoded at a time (threads; the machine's cores, at most 4)
 READ_THREADS = max(1, min(4, os.cpu_count() or 1))
-#: reads of fewer chunks decode in the calling thread. A reader thread's Blosc work buffers stay
-#: resident in its own C-heap arena after it exits (~1.8 MB a thread: ``malloc_trim`` does not
-#: shrink a thread arena's top), which is 9% of a 20k x 512 slice on 2 threads, for the ~2 ms
-#: that threads save on its 10-chunk datasets (25 vs 27 ms in all; at 50 chunks: 76 vs 107 ms)
-THREADED_READ_CHUNKS = 16
+#: smaller reads (bytes of one array's selected rows) decode in the calling thread. A reader
+#: thread's Blosc work buffers stay resident in its own C-heap arena after it exits (~1.8 MB a
+#: thread at 1,024-row chunks: ``malloc_trim`` does not shrink a thread arena's top), which is 9%
+#: of a 20k x 512 slice on 2 threads, for the ~2 ms that threads save on its two 20 MB arrays
+#: (25 vs 27 ms in all; 100k cells, two 100 MB arrays: 76 vs 107 ms)
+THREADED_READ_BYTES = 32 << 20
 
 
 def _layout(x: Any) -> tuple[Path, int, bool, bool] | None:
@@ -140,7 +141,7 @@ def read_rows(x: Any, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> b
             out[w] = scratch[r]
 
     spans = list(zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(srows)].tolist(), strict=True))
-    threads = min(READ_THREADS, len(spans)) if len(spans) >= THREADED_READ_CHUNKS else 1
+    threads = min(READ_THREADS, len(spans)) if len(rows) * dim * 4 >= THREADED_READ_BYTES else 1
     if threads <= 1:
         for lo, hi in spans:
             one(lo, hi)

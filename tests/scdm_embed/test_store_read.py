@@ -11,15 +11,14 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from scdm_embed.errors import ScdmError, StoreError
-from scdm_embed.store import EmbeddingStore
+from scdm_embed.store import EmbeddingStore, _chunks
 
 N, DIM, CHUNK = 37, 6, 8  # a partial last chunk on purpose
 
 
 @pytest.fixture
-def store(tmp_path, request):
-    """Two datasets of N cells, chunks of CHUNK rows (or the test's ``chunk``); returns (path, {dataset: matrix})."""
-    chunk = getattr(request, "param", CHUNK)
+def store(tmp_path):
+    """Two datasets of N cells, chunks of CHUNK rows; returns (path, {dataset: matrix})."""
     rng = np.random.default_rng(0)
     st = EmbeddingStore(tmp_path / "s.zarr", mode="a")
     mats = {}
@@ -28,7 +27,7 @@ def store(tmp_path, request):
                              index=pd.Index([f"c{i}" for i in range(N)], name="cell_id"))
         st.put_dataset(ds, cells, input_hash=f"h-{ds}")
         mats[ds] = rng.standard_normal((N, DIM)).astype(np.float32)
-        st.put_embedding("m", ds, mats[ds], chunk_rows=chunk)
+        st.put_embedding("m", ds, mats[ds], chunk_rows=CHUNK)
     return tmp_path / "s.zarr", mats
 
 
@@ -42,10 +41,12 @@ def test_new_arrays_carry_a_checksum_per_chunk(store):
     assert [c["name"] for c in meta["codecs"]] == ["bytes", "crc32c"]
 
 
-# 5 chunks a dataset decode in the calling thread; 19 (>= THREADED_READ_CHUNKS) on reader threads
-@pytest.mark.parametrize("store", [CHUNK, 2], indirect=True, ids=["5-chunks", "19-chunks"])
+# small reads decode in the calling thread; from THREADED_READ_BYTES on, on reader threads
+@pytest.mark.parametrize("threaded", [False, True], ids=["calling-thread", "reader-threads"])
 @pytest.mark.parametrize("pick", ["all", "contiguous", "every_other", "sparse", "reversed", "interleaved", "duplicates"])
-def test_load_returns_exactly_the_selected_rows(store, pick):
+def test_load_returns_exactly_the_selected_rows(store, pick, threaded, monkeypatch):
+    if threaded:
+        monkeypatch.setattr(_chunks, "THREADED_READ_BYTES", 0)
     path, mats = store
     keys_a = [f"a/c{i}" for i in range(N)]
     keys_b = [f"b/c{i}" for i in range(N)]
