@@ -6,7 +6,9 @@ Every classifier is built as ``cls(seed=..., **settings)`` (settings declared on
 ``X`` is a larger matrix, e.g. a read-only memmap, and only those rows are read, batch by
 batch, never copied whole) and ``predict_proba(X)`` -> ``(n, 2)`` (columns resistant,
 sensitive). ``threads=0`` means "the cores given to this fit" (the grid sets them, so that
-workers x threads never exceed the cores).
+workers x threads never exceed the cores). A classifier whose ``streams_rows`` is true also
+takes a :class:`RowSource` as ``X`` (e.g. the store's :class:`~scdm_embed.store.EmbeddingRows`)
+and reads it a block of rows at a time; the others read a source whole first.
 """
 
 from __future__ import annotations
@@ -37,6 +39,25 @@ class Classifier(Protocol):
     def predict_proba(self, X: np.ndarray) -> np.ndarray: ...
 
 
+@runtime_checkable
+class RowSource(Protocol):
+    """A float32 matrix read a block of rows at a time, not held whole (:class:`scdm_embed.store.EmbeddingRows`)."""
+
+    shape: tuple[int, int]
+
+    def read(self, at: np.ndarray | None = None) -> np.ndarray: ...
+
+
+def is_source(X: Any) -> bool:
+    """Whether ``X`` is a :class:`RowSource` rather than an array."""
+    return not isinstance(X, np.ndarray) and isinstance(X, RowSource)
+
+
+def streams_rows(classifier: str) -> bool:
+    """Whether ``classifier``'s fits read a :class:`RowSource` block by block (see the module doc)."""
+    return bool(getattr(CLASSIFIERS[classifier], "streams_rows", False))
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (affinity-aware)."""
     try:
@@ -49,12 +70,18 @@ def _threads(n: int) -> int:
     return n if n > 0 else available_cores()
 
 
-def _check_xy(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``X`` (not copied when already float32), ``y`` as int64 and the training rows of ``X``."""
-    X = X if isinstance(X, np.ndarray) and X.dtype == np.float32 else np.asarray(X, dtype=np.float32)
+def _check_xy(X: np.ndarray | RowSource, y: np.ndarray, rows: np.ndarray | None = None, *,
+              stream: bool = False) -> tuple[Any, np.ndarray, np.ndarray]:
+    """``X`` (not copied when already float32; a :class:`RowSource` kept as it is with ``stream``,
+    else read whole), ``y`` as int64 and the training rows of ``X``."""
+    if is_source(X):
+        X = X if stream else X.read()
+    elif not (isinstance(X, np.ndarray) and X.dtype == np.float32):
+        X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y).astype(np.int64).ravel()
-    rows = np.arange(X.shape[0] if X.ndim else 0) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
-    if X.ndim != 2 or rows.shape[0] != y.shape[0]:
+    ndim = len(X.shape)
+    rows = np.arange(X.shape[0] if ndim else 0) if rows is None else np.asarray(rows, dtype=np.int64).ravel()
+    if ndim != 2 or rows.shape[0] != y.shape[0]:
         raise ValueError(f"X {X.shape} and y {y.shape} do not match")
     if len(rows) and (rows.min() < 0 or rows.max() >= X.shape[0]):
         raise ValueError(f"rows must lie in 0..{X.shape[0] - 1} (got {rows.min()}..{rows.max()})")
@@ -65,8 +92,10 @@ def _check_xy(X: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> t
     return X, y, rows
 
 
-def _gather(X: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``X[rows]`` as float32 (one chunk: callers keep ``rows`` short)."""
+def _gather(X: np.ndarray | RowSource, rows: np.ndarray) -> np.ndarray:
+    """``X[rows]`` as float32 (one chunk: callers keep ``rows`` short); a source reads just those rows."""
+    if is_source(X):
+        return X.read(np.asarray(rows, dtype=np.int64))
     if len(rows) and rows[0] == 0 and rows[-1] == len(rows) - 1 and len(rows) == X.shape[0]:
         return np.ascontiguousarray(X, dtype=np.float32)
     return np.ascontiguousarray(X[rows], dtype=np.float32)
@@ -471,6 +500,8 @@ class XGBoostClassifier(_Settings):
     """
 
     name: ClassVar[str] = "xgboost"
+    #: a fit reads its training cells once, in chunks, into its quantised matrix, then its test cells
+    streams_rows: ClassVar[bool] = True
     options_spec: ClassVar[tuple[Option, ...]] = (
         Option("n_estimators", int, 200, "boosting rounds (the most, with early stopping)", check=at_least(1)),
         Option("max_depth", int, 5, "tree depth", check=at_least(1)),
@@ -499,7 +530,7 @@ class XGBoostClassifier(_Settings):
         """Train on ``X[rows]`` (all rows by default) with labels ``y`` (and ``groups``) of those rows."""
         import xgboost as xgb
 
-        X, y, rows = _check_xy(X, y, rows)
+        X, y, rows = _check_xy(X, y, rows, stream=True)
         frac = self.val_fraction if self.early_stopping else 0.0
         tr, va = validation_split(y, None if groups is None else np.asarray(groups), frac, self.seed)
         self.n_train_, self.n_val_ = len(tr), len(va)
@@ -513,7 +544,9 @@ class XGBoostClassifier(_Settings):
             # reference matrix (xgboost cuts at each of its distinct values): xgboost's own sketch
             # of 4,096 x 512 cells peaked at ~50 MB of work buffers and kept ~25 MB of them in its
             # threads' heaps between fits (bench/bench_eval.py)
-            ref = xgb.QuantileDMatrix(bin_edges(X, rows[pick], self.max_bin), max_bin=self.max_bin, nthread=nthread)
+            sample = (_gather(X, rows[pick]), np.arange(len(pick))) if is_source(X) else (X, rows[pick])
+            ref = xgb.QuantileDMatrix(bin_edges(*sample, self.max_bin), max_bin=self.max_bin, nthread=nthread)
+            del sample
         dtrain = xgb.QuantileDMatrix(_rows_iter(X, rows[tr], y[tr], _CHUNK // 4), max_bin=self.max_bin, nthread=nthread,
                                      ref=ref)
         del ref
@@ -662,10 +695,11 @@ class MajorityClassifier(_Settings):
     """Baseline: every cell gets the training fraction of sensitive cells as its probability."""
 
     name: ClassVar[str] = "majority"
+    streams_rows: ClassVar[bool] = True  # reads no cell at all
 
     def fit(self, X: np.ndarray, y: np.ndarray, *, rows: np.ndarray | None = None,
             groups: np.ndarray | None = None) -> MajorityClassifier:  # noqa: ARG002
-        _, y, _ = _check_xy(X, y, rows)
+        _, y, _ = _check_xy(X, y, rows, stream=True)
         self.p_ = float(y.mean())
         return self
 

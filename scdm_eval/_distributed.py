@@ -19,7 +19,7 @@ import numpy as np
 
 from scdm_embed.errors import ScdmError
 
-from ._classifiers import fit_score
+from ._classifiers import fit_score, streams_rows
 
 #: per worker process: the stores it has open, by (run, path) (the cell table is read once per run)
 _STORES: dict[tuple[str, str], Any] = {}
@@ -36,12 +36,15 @@ def _store(run: str, path: str):
     return _STORES[key]
 
 
-def read_slice(store: Any, model: str, datasets: Sequence[str], keys: np.ndarray) -> np.ndarray:
-    """Rows ``keys`` (global cell keys, in this order) of ``model``'s embeddings; only their chunks are read."""
+def read_slice(store: Any, model: str, datasets: Sequence[str], keys: np.ndarray, *, stream: bool = False) -> Any:
+    """Rows ``keys`` (global cell keys, in this order) of ``model``'s embeddings; only their chunks are read.
+
+    ``stream``: an unread :class:`~scdm_embed.store.EmbeddingRows` of them instead (checked finite
+    block by block), for a classifier that reads its rows a block at a time."""
     from ._run import check_finite
 
-    X, _ = store.load(model, datasets=list(datasets), cells=keys)
-    return check_finite(X, model, keys)
+    rows = store.rows(model, datasets=list(datasets), cells=keys)
+    return check_finite(rows if stream else rows.read(), model, keys)
 
 
 def grid_task(ctx: Mapping[str, Any], model: str, part: int, classifier: str, seed: int) -> dict[str, Any]:
@@ -53,7 +56,8 @@ def grid_task(ctx: Mapping[str, Any], model: str, part: int, classifier: str, se
     def fit() -> dict[str, Any]:
         train, test = ctx["parts"][part]
         rows = np.union1d(train, test)  # ascending: one pass over the chunks that hold them
-        X = read_slice(_store(ctx["run"], ctx["store"]), model, ctx["datasets"], ctx["keys"][rows])
+        X = read_slice(_store(ctx["run"], ctx["store"]), model, ctx["datasets"], ctx["keys"][rows],
+                       stream=streams_rows(classifier))
         groups = None if ctx["groups"] is None else ctx["groups"][rows]
         return fit_score(X, ctx["y"][rows], np.searchsorted(rows, train), np.searchsorted(rows, test), classifier,
                          ctx["settings"][classifier], seed, ctx["warm_torch"], threads=_nthreads(get_worker()),

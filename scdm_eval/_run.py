@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from scdm_embed.errors import ScdmError, StoreError
-from scdm_embed.store import EmbeddingStore
+from scdm_embed.store import EmbeddingRows, EmbeddingStore
 
 from ._classifiers import (
     PROTOCOLS,
@@ -26,6 +26,7 @@ from ._classifiers import (
     release_heap,
     resolve_settings,
     steady_heap,
+    streams_rows,
 )
 from ._metrics import METRICS
 from ._splits import (
@@ -79,25 +80,27 @@ def _check_models(st: EmbeddingStore, models: Sequence[str] | None, datasets: Se
     return models
 
 
+def _rows(st: EmbeddingStore, model: str, datasets: Sequence[str], splits: Splits) -> EmbeddingRows:
+    """``model``'s embeddings of the split's cells (row ``i`` = ``splits.table`` row ``i``), checked finite, unread."""
+    return check_finite(st.rows(model, datasets=list(datasets), cells=splits.table.index), model, splits.table.index)
+
+
 def _load(st: EmbeddingStore, model: str, datasets: Sequence[str], splits: Splits) -> np.ndarray:
-    X, table = st.load(model, datasets=list(datasets))
-    pos = table.index.get_indexer(splits.table.index)
-    if (pos < 0).any():
-        raise StoreError(f"model {model!r}: {int((pos < 0).sum())} split cells have no embedding row",
-                         "re-extract the model for every dataset")
-    if not np.array_equal(pos, np.arange(len(pos))):
-        X = X[pos]
+    """``model``'s embeddings of the split's cells, in its row order, read whole (checked finite)."""
+    X = st.rows(model, datasets=list(datasets), cells=splits.table.index).read()
     return check_finite(X, model, splits.table.index)
 
 
-def check_finite(X: np.ndarray, model: str, keys: Sequence[str]) -> np.ndarray:
+def check_finite(X: np.ndarray | EmbeddingRows, model: str, keys: Sequence[str]):
     """``X`` if every row is finite; else a StoreError naming the model and a cell (``keys[row]``).
 
-    Checked in blocks of rows: no boolean copy of the whole matrix (a quarter of its size).
+    Checked in blocks of rows: no boolean copy of the whole matrix (a quarter of its size); a
+    source of rows (:class:`~scdm_embed.store.EmbeddingRows`) is read block by block.
     """
     bad, step = np.zeros(len(X), bool), 1 << 11  # a 1 MB mask at 512-d
     for a in range(0, len(X), step):
-        bad[a:a + step] = ~np.isfinite(X[a:a + step]).all(axis=1)
+        block = X[a:a + step] if isinstance(X, np.ndarray) else X.read(np.arange(a, min(a + step, len(X))))
+        bad[a:a + step] = ~np.isfinite(block).all(axis=1)
     if bad.any():
         raise StoreError(f"model {model!r} has {int(bad.sum())} cells with non-finite embeddings "
                          f"(e.g. {keys[np.flatnonzero(bad)[0]]})",
@@ -254,6 +257,7 @@ def run_evaluation(
     permutations: int = 0,
     scheduler: str | None = None,
     dask_workers: int | None = None,
+    stream: bool = True,
 ) -> pd.DataFrame:
     """Evaluate classifiers on cached embeddings under honest splits.
 
@@ -274,7 +278,11 @@ def run_evaluation(
     every core, except MLP fits on the CPU, which run one per core at once in this process
     (:func:`~scdm_eval._classifiers.concurrent_fits`; their recorded ``threads`` setting is the
     count each ran on); ``n_jobs=k``: k loky workers x (cores // k) threads (:func:`plan_workers`);
-    the same ``seed`` and cores give identical results.
+    the same ``seed`` and cores give identical results. In this process, the fits of classifiers
+    that stream their rows (xgboost) run first and read them from the store block by block
+    (:meth:`~scdm_embed.store.EmbeddingStore.rows`), so their grid never holds the slice whole
+    (a local store, as extracted; ``stream=False``: they read the slice held in memory, as the
+    others do; same results). ``.attrs["params"]["streamed"]`` lists them.
     ``protocol``: ``"scdm"`` (defaults, early stopping) or ``"scdrugmap"`` (the released
     scDrugMap MLP schedule and random cell-level folds; see :data:`PROTOCOLS`);
     ``classifier_options`` are laid over it, typed and checked, and every setting is
@@ -291,6 +299,8 @@ def run_evaluation(
     st = open_store(store)
     if not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0:
         raise ScdmError(f"n_jobs must be a non-zero integer (got {n_jobs!r})", "use -1 for all cores, or 1, 2, ...")
+    if not isinstance(stream, bool):
+        raise ScdmError(f"stream must be True or False (got {stream!r})", "pass stream=True (default) or stream=False")
     classifiers = check_classifiers(classifiers)
     options = {k: dict(v) for k, v in (classifier_options or {}).items()}
     unused = sorted(set(options) - set(classifiers))
@@ -348,6 +358,7 @@ def run_evaluation(
               if gkey else None)  # early-stopping splits of a grouped fold are grouped too
     rows, metrics = [], []
     fixes: dict[str, str] = {}  # row model name -> correction
+    streamed_all: list[str] = []  # classifiers whose fits read their rows from the store
     null: list[dict[str, Any]] = []  # label-permutation fits
     batch = cells[batch_key].reindex(splits.table.index).astype(str).to_numpy() if correct != "none" else None
     del cells  # the store keeps its own copy; predictions_table asks it again at the end
@@ -390,26 +401,46 @@ def run_evaluation(
                 rows += [(m, parts[k], c) for k, c, _ in specs]
                 metrics += dist.grid(base, specs, advance)
                 continue
-            X = correct_embeddings(_load(st, base, dsets, splits), batch, np.flatnonzero(splits.table["fold"] != -1),
-                                   method=fix, seed=seed)  # every evaluated cell, no labels
-            if tmp is not None and X.nbytes > 1 << 20:
-                X = _memmap(X, tmp)
-            release_heap()  # the read's decode buffers: freed, but glibc keeps them (11 MB at 20k x 512)
-            tasks = []
-            for part in parts:
-                s = _task_seed(seed, part.category, part.fold)
-                for c in classifiers:
-                    tasks.append(((X, y, part.train, part.test, c, grid_settings[c], s,
-                                   "mlp" in classifiers and workers > 1),
-                                  {"groups": groups}))
-                    rows.append((m, part, c))
-            metrics += _grid(tasks, workers, threads, advance, concurrent)
-            if permutations:
-                from ._stats import model_null
+            # classifiers that stream (xgboost) read their rows from the store, fit by fit, before
+            # the others hold the whole slice: their grid never holds it (in this process, as extracted)
+            streamed = [c for c in classifiers
+                        if stream and fix == "none" and tmp is None and isinstance(st.path, Path) and streams_rows(c)]
+            held = [c for c in classifiers if c not in streamed]
+            done: dict[tuple[int, str], dict[str, Any]] = {}
 
-                null += model_null(X, y, parts, splits, m, classifiers, settings, seed=seed, n=permutations,
-                                   groups=groups, threads=threads, advance=advance)
-            del X
+            def grid(X, names: list[str], done: dict = done) -> None:
+                tasks, at = [], []
+                for k, part in enumerate(parts):
+                    s = _task_seed(seed, part.category, part.fold)
+                    for c in names:
+                        tasks.append(((X, y, part.train, part.test, c, grid_settings[c], s,
+                                       "mlp" in classifiers and workers > 1),
+                                      {"groups": groups}))
+                        at.append((k, c))
+                done.update(zip(at, _grid(tasks, workers, threads, advance, concurrent), strict=True))
+
+            if streamed:
+                streamed_all += streamed
+                grid(_rows(st, base, dsets, splits), streamed)
+            if held or permutations:
+                X = correct_embeddings(_load(st, base, dsets, splits), batch,
+                                       np.flatnonzero(splits.table["fold"] != -1), method=fix,
+                                       seed=seed)  # every evaluated cell, no labels
+                if tmp is not None and X.nbytes > 1 << 20:
+                    X = _memmap(X, tmp)
+                release_heap()  # the read's decode buffers: freed, but glibc keeps them (11 MB at 20k x 512)
+                if held:
+                    grid(X, held)
+                if permutations:
+                    from ._stats import model_null
+
+                    null += model_null(X, y, parts, splits, m, classifiers, settings, seed=seed, n=permutations,
+                                       groups=groups, threads=threads, advance=advance)
+                del X
+            for k, part in enumerate(parts):
+                for c in classifiers:
+                    rows.append((m, part, c))
+                    metrics.append(done[(k, c)])
     results = pd.DataFrame([_row(m, splits, part, c, met, y, seed, fixes[m])
                             for (m, part, c), met in zip(rows, metrics, strict=True)], columns=list(RESULT_COLUMNS))
     results = results.astype({"fold": np.int64, "seed": np.int64, "leak_prone": bool})
@@ -418,6 +449,7 @@ def run_evaluation(
                                      "store": str(st.path), "protocol": protocol, "settings": grid_settings,
                                      "workers": workers, "threads_per_fit": threads,
                                      "concurrent_fits": {c: k for c, k in concurrent.items() if k > 1},
+                                     "streamed": sorted(set(streamed_all)),
                                      "correction": correct,
                                      "batch_key": batch_key if correct != "none" else None,
                                      "permutations": int(permutations)}})

@@ -80,6 +80,9 @@ def run(
     permutations: Annotated[int, typer.Option(help="Label-permutation null: N refits on labels shuffled within the split's groups, same folds; p = (1+k)/(1+N) per metric (permutation.csv, summary.md).")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="Run the fits as tasks on this dask.distributed scheduler (tcp://HOST:8786); each worker reads its cells from --store, which every worker must reach.")] = None,
     dask_workers: Annotated[int | None, typer.Option(help="Run the fits on a local Dask cluster of N worker processes (1 thread each).")] = None,
+    stream: Annotated[bool, typer.Option(help="XGBoost fits read their cells from a local store block by block, so their "
+                                         "grid never holds the slice (--no-stream: from the slice in memory, read "
+                                         "once; same results).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Fit and score classifiers on every model x partition, write the results, a summary and paired tests."""
@@ -97,7 +100,7 @@ def run(
                              group_key=group_key, seed=seed, n_jobs=n_jobs, out=out, classifier_options=opts or None,
                              strict=strict, progress=not quiet, protocol=protocol.value, train=train, test=test,
                              correct=correct.value, batch_key=batch_key, permutations=permutations,
-                             scheduler=scheduler, dask_workers=dask_workers)
+                             scheduler=scheduler, dask_workers=dask_workers, stream=stream)
     console.print(rich_table(summarize(res)))
     if permutations:
         from ._stats import permutation_table

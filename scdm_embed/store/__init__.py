@@ -11,6 +11,7 @@ from ._core import (
     DEFAULT_STORE,
     EMBEDDING_CODECS,
     EmbeddingInfo,
+    EmbeddingRows,
     EmbeddingStore,
     cells_hash,
     check_name,
@@ -34,6 +35,6 @@ from .schema import (
 )
 
 __all__ = ["DEFAULT_STORE", "EMBEDDING_CODECS", "FORMAT_VERSION", "VERSIONS", "DatasetRecord", "EmbeddingInfo",
-           "EmbeddingRecord", "EmbeddingStore", "Migration", "Provenance", "SplitRecord", "StoreRecord", "Telemetry",
+           "EmbeddingRecord", "EmbeddingRows", "EmbeddingStore", "Migration", "Provenance", "SplitRecord", "StoreRecord", "Telemetry",
            "cells_hash", "check_name", "check_store_path", "is_write_failure", "migrate_store", "shared_strings",
            "store_lock", "store_os_error", "store_writable"]

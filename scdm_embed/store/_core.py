@@ -551,18 +551,46 @@ class EmbeddingStore:
         ``cells`` (global keys ``"<dataset>/<cell_id>"``) restricts the rows; only the chunks
         holding them are read. Incomplete or stale arrays are refused unless ``allow_incomplete``.
         """
+        mg, names = self._model_datasets(model, datasets)
+        table = self.cells(names)
+        if cells is not None:
+            table = table.loc[cells if isinstance(cells, pd.Index) else pd.Index(list(cells))]
+        return self._rows(mg, model, names, table, allow_incomplete).read(), table
+
+    def rows(self, model: str, *, datasets: Sequence[str] | None = None, cells: Iterable[str] | None = None,
+             allow_incomplete: bool = False) -> EmbeddingRows:
+        """``model``'s embeddings of ``cells`` (default: every cell of ``datasets``), read on demand.
+
+        Checked as :meth:`load` checks them, but nothing is read until
+        :meth:`EmbeddingRows.read`: row ``i`` is ``cells[i]``, and a read decodes only the chunks
+        holding the rows asked for. For work that visits a slice a block at a time (streaming
+        it into a quantised matrix, say) without holding it whole; keeps two integers per cell.
+        """
+        mg, names = self._model_datasets(model, datasets)
+        table = self.cells(names)
+        if cells is not None:
+            keys = cells if isinstance(cells, pd.Index) else pd.Index(list(cells))
+            missing = keys[table.index.get_indexer(keys) < 0]
+            if len(missing):
+                raise StoreError(f"model {model!r}: {len(missing)} of the cells asked for are not in datasets "
+                                 f"{names} (e.g. {missing[0]!r})", "re-extract the model for every dataset, or "
+                                 "check the cell keys ('<dataset>/<cell_id>')")
+            table = table.loc[keys, ["dataset", "row"]]
+        return self._rows(mg, model, names, table, allow_incomplete)
+
+    def _model_datasets(self, model: str, datasets: Sequence[str] | None) -> tuple[Any, list[str]]:
         mg = self._element("scdm-model", "embeddings", model)
         if mg is None:
             raise StoreError(f"model {model!r} has no embeddings in {str(self.path)!r} (has: {self.models(complete_only=False)})",
                              f"run `scdm-embed extract INPUT --model {model} --store {self.path}`")
-        names = list(datasets) if datasets is not None else sorted(mg.group_keys())
-        table = self.cells(names)
-        if cells is not None:
-            table = table.loc[cells if isinstance(cells, pd.Index) else pd.Index(list(cells))]
+        return mg, list(datasets) if datasets is not None else sorted(mg.group_keys())
+
+    def _rows(self, mg: Any, model: str, names: list[str], table: pd.DataFrame, allow_incomplete: bool) -> EmbeddingRows:
+        """The checked arrays of ``model`` (group ``mg``) x ``names`` behind ``table``'s dataset/row columns."""
         ds_code, ds_names = pd.factorize(table["dataset"])  # integer codes: no string compares per dataset
         ds_index = {d: i for i, d in enumerate(ds_names)}
-        row_col = table["row"].to_numpy()
-        X: np.ndarray | None = None
+        arrays: dict[int, tuple[str, Any]] = {}
+        dim: int | None = None
         for ds in names:
             try:  # the model group is in hand: one metadata read per dataset, not a walk from the root
                 g = mg[ds]
@@ -578,22 +606,17 @@ class EmbeddingStore:
                                       f"re-extract with `scdm-embed extract ... --model {model} --dataset {ds} --overwrite`")
             x = g["X"]
             check_element(x.attrs, "array", f"embeddings/{model}/{ds}/X in {str(self.path)!r}")
-            if X is None:
-                X, first = np.empty((len(table), x.shape[1]), dtype=np.float32), ds
-            elif x.shape[1] != X.shape[1]:
-                raise StoreError(f"model {model!r} has {X.shape[1]}-d embeddings for dataset {first!r} but "
+            if dim is None:
+                dim, first = int(x.shape[1]), ds
+            elif x.shape[1] != dim:
+                raise StoreError(f"model {model!r} has {dim}-d embeddings for dataset {first!r} but "
                                  f"{x.shape[1]}-d for {ds!r}: they were not made by the same network or reference",
                                  f"re-extract {ds!r} (or {first!r}) with `scdm-embed extract ... --model {model} "
                                  f"--dataset NAME --overwrite` so that every dataset uses the same one")
-            where = np.flatnonzero(ds_code == ds_index[ds]) if ds in ds_index else np.empty(0, np.int64)
-            try:
-                if len(where):
-                    _read_into(x, row_col[where], X, where)
-            except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable or unreadable chunk
-                raise _corrupt(self.path, model, ds, "X", e) from None
-        if X is None:
-            X = np.empty((len(table), 0), np.float32)
-        return X, table
+            if ds in ds_index:
+                arrays[ds_index[ds]] = (ds, x)
+        return EmbeddingRows(self.path, model, arrays, ds_code.astype(np.int32), table["row"].to_numpy(np.int64),
+                             dim or 0)
 
     # -- references (fitted gene lists / bases) -------------------------------------------
     def get_reference(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -646,6 +669,39 @@ class EmbeddingStore:
         if g is None:
             return None
         return ad.io.read_elem(g["table"]), SplitRecord.from_attrs(g.attrs, f"splits/{name} in {str(self.path)!r}")
+
+
+class EmbeddingRows:
+    """Rows of one model's embeddings over a list of cells, read on demand (:meth:`EmbeddingStore.rows`).
+
+    Holds each cell's dataset code and row (12 bytes a cell) and the arrays' handles, not values.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path: Path | str, model: str, arrays: dict[int, tuple[str, Any]], codes: np.ndarray,
+                 rows: np.ndarray, dim: int) -> None:
+        self._path, self._model, self._arrays, self._codes, self._rows = path, model, arrays, codes, rows
+        self.shape = (len(rows), dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, at: np.ndarray | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``at`` (positions in the cell list, any order; default all) as a float32 matrix."""
+        codes, rows = (self._codes, self._rows) if at is None else (self._codes[at], self._rows[at])
+        if out is None:
+            out = np.empty((len(rows), self.shape[1]), np.float32)
+        elif out.shape != (len(rows), self.shape[1]) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 of shape {(len(rows), self.shape[1])} (got {out.dtype} {out.shape})")
+        for k, (ds, x) in self._arrays.items():
+            where = np.flatnonzero(codes == k)
+            try:
+                if len(where):
+                    _read_into(x, rows[where], out, where)
+            except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable or unreadable chunk
+                raise _corrupt(self._path, self._model, ds, "X", e) from None
+        return out
 
 
 def _read_into(x, rows: np.ndarray, out: np.ndarray, where: np.ndarray) -> None:

@@ -173,3 +173,27 @@ def test_a_cell_table_with_missing_text_is_refused(tmp_path):
     cells["sample"] = ["a", "unknown", "b"]
     st.put_dataset("d", cells, input_hash="h")
     assert st.cells()["sample"].tolist() == ["a", "unknown", "b"]
+
+
+@pytest.mark.parametrize("cells", ["all", "picked"])
+def test_rows_read_any_positions_as_load_would(store, cells):
+    """``rows`` checks like ``load`` but reads nothing until asked; any positions, any order, give load's rows."""
+    path, mats = store
+    st = EmbeddingStore(path)
+    keys = ([f"a/c{i}" for i in range(N)] + [f"b/c{i}" for i in range(N)] if cells == "all"
+            else [f"b/c{i}" for i in range(N - 1, 0, -4)] + [f"a/c{i}" for i in range(3, N, 5)])
+    rows = st.rows("m", cells=None if cells == "all" else keys)
+    assert rows.shape == (len(keys), DIM) and len(rows) == len(keys)
+    np.testing.assert_array_equal(rows.read(), _expected(mats, keys))
+    at = np.random.default_rng(1).permutation(len(keys))[: len(keys) // 2]
+    np.testing.assert_array_equal(rows.read(at), _expected(mats, [keys[i] for i in at]))
+    out = np.empty((len(at), DIM), np.float32)
+    assert rows.read(at, out=out) is out
+    with pytest.raises(ValueError, match="out must be float32"):
+        rows.read(at, out=np.empty((len(at), DIM)))
+
+
+def test_rows_of_cells_the_store_lacks_are_refused(store):
+    path, _ = store
+    with pytest.raises(StoreError, match=r"1 of the cells asked for are not in datasets \['a'\] \(e\.g\. 'b/c0'\)"):
+        EmbeddingStore(path).rows("m", datasets=["a"], cells=["a/c1", "b/c0"])

@@ -20,13 +20,15 @@ def _refused(args, *words: str) -> str:
     return assert_refused(runner.invoke(app, [str(a) for a in args]), *words)
 
 
-def _run(store, out, *extra):
-    return ["run", "--store", store, "-c", "logreg", "--folds", "3", "--n-jobs", "1", "--out", out, "-q", *extra]
+def _run(store, out, *extra, classifier="logreg"):
+    return ["run", "--store", store, "-c", classifier, "--folds", "3", "--n-jobs", "1", "--out", out, "-q", *extra]
 
 
-def test_failed_run_saves_no_split_and_a_good_run_does(cohort, cohort_store, tmp_path):
-    """A model with non-finite embeddings fails after the splits were computed: the store stays
-    byte-identical (no split saved). The same run on good embeddings saves its split once."""
+# logreg reads the slice whole; xgboost streams its rows from the store (checked block by block first)
+@pytest.mark.parametrize("classifier", ["logreg", "xgboost"])
+def test_failed_run_saves_no_split_and_a_good_run_does(cohort, cohort_store, tmp_path, classifier):
+    """A model with non-finite embeddings fails after the splits were computed, before any fit: the
+    store stays byte-identical (no split saved). The same run on good embeddings saves its split once."""
     Z = embeddings(cohort)["pca"].copy()
     Z[5, 0] = np.nan
     st = EmbeddingStore(cohort_store, mode="a")
@@ -34,11 +36,12 @@ def test_failed_run_saves_no_split_and_a_good_run_does(cohort, cohort_store, tmp
     st.put_embedding("bad", "cohortA", Z[m])
     st.put_embedding("bad", "cohortB", Z[~m])
     before = store_snapshot(cohort_store)
-    _refused(_run(cohort_store, tmp_path / "o", "--model", "bad"), "non-finite embeddings", "--overwrite")
+    _refused(_run(cohort_store, tmp_path / "o", "--model", "bad", classifier=classifier), "non-finite embeddings",
+             "--overwrite")
     assert store_snapshot(cohort_store) == before, "a failed run must leave the store as it was"
     assert len(list_splits(cohort_store)) == 0
 
-    r = runner.invoke(app, [str(a) for a in _run(cohort_store, tmp_path / "o", "--model", "pca")])
+    r = runner.invoke(app, [str(a) for a in _run(cohort_store, tmp_path / "o", "--model", "pca", classifier=classifier)])
     assert r.exit_code == 0, r.output
     assert len(list_splits(cohort_store)) == 1
 

@@ -196,3 +196,35 @@ def test_non_finite_row_in_a_later_block_is_named():
     with pytest.raises(StoreError, match=r"1 cells with non-finite embeddings \(e\.g\. d/c33333\)"):
         check_finite(X, "m", keys)
     assert check_finite(X[:33_333], "m", keys) is not None
+
+
+def test_the_xgboost_grid_streams_its_rows_from_the_store(tmp_path, monkeypatch):
+    """XGBoost fits read their cells from the store a block at a time: no read is the whole slice
+    (logreg's grid reads it whole, once), and the xgboost rows do not depend on what else is fitted."""
+    from scdm_embed.store import EmbeddingRows
+
+    a = synthetic_cohort(n_studies=2, samples_per_study=4, cells_per_sample=900, n_genes=40, seed=0)
+    store = build_store(tmp_path / "s.zarr", a, models={"pca": embeddings(a)["pca"]})
+    reads: list[int] = []
+    read = EmbeddingRows.read
+
+    def spy(self, at=None, **kw):
+        reads.append(len(self) if at is None else len(at))
+        return read(self, at, **kw)
+
+    monkeypatch.setattr(EmbeddingRows, "read", spy)
+    res = _run(store, classifiers=("xgboost",), folds=3, group_key="sample")
+    n = a.n_obs
+    assert (res["n_train"] + res["n_test"] == n).all()
+    assert reads and max(reads) <= 4096 < n, reads  # blocks: finite check and chunks 2,048, the bins' sample 4,096
+    reads.clear()
+    both = _run(store, classifiers=("logreg", "xgboost"), folds=3, group_key="sample")
+    assert reads.count(n) == 1  # logreg's slice, read once
+    for m in METRICS:
+        assert both.loc[both["classifier"] == "xgboost", m].tolist() == res[m].tolist(), m
+    assert res.attrs["params"]["streamed"] == ["xgboost"]
+    reads.clear()
+    held = _run(store, classifiers=("xgboost",), folds=3, group_key="sample", stream=False)
+    assert reads == [n] and held.attrs["params"]["streamed"] == []  # the slice, read once
+    for m in METRICS:  # the same cells, the same fits: bit for bit
+        assert held[m].tolist() == res[m].tolist(), m
