@@ -3,7 +3,8 @@
 What every task shares (the split's labels, partitions, groups, the cells' store keys) is
 scattered to the workers once per run; a task is then (model, partition index, classifier, seed)
 plus the store's path. Each worker opens the store itself and reads only the rows of its
-partition (train and test cells), so no embedding matrix travels through the scheduler. A task
+partition (train and test cells), so no embedding matrix travels through the scheduler (XGBoost
+tasks on a store path read them block by block as they fit, see :meth:`EmbeddingStore.rows`). A task
 fits exactly what the in-process grid fits, in the same order, with the same seed.
 """
 
@@ -57,7 +58,7 @@ def grid_task(ctx: Mapping[str, Any], model: str, part: int, classifier: str, se
         train, test = ctx["parts"][part]
         rows = np.union1d(train, test)  # ascending: one pass over the chunks that hold them
         X = read_slice(_store(ctx["run"], ctx["store"]), model, ctx["datasets"], ctx["keys"][rows],
-                       stream=streams_rows(classifier))
+                       stream=streams_rows(classifier) and "://" not in ctx["store"])  # a URL: read once
         groups = None if ctx["groups"] is None else ctx["groups"][rows]
         return fit_score(X, ctx["y"][rows], np.searchsorted(rows, train), np.searchsorted(rows, test), classifier,
                          ctx["settings"][classifier], seed, ctx["warm_torch"], threads=_nthreads(get_worker()),
